@@ -1,0 +1,30 @@
+# The README's commands. Each target creates .venv when missing and installs the
+# project into it; the install is skipped while pyproject.toml is unchanged.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# A CPU wheel of torch 2.13.0 is on local disk on the dev/CI machines; naming the
+# exact version keeps pip from pulling a multi-GB CUDA build. Cluster users who
+# already have torch in their environment can override: make TORCH= venv
+TORCH   ?= torch==2.13.0
+
+.PHONY: venv demo test lint clean-demo
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH) -e '.[dev,corpora]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python -m sweeps.run -m +experiment=cpu_ladder
+	$(BIN)/python -m analysis.report --experiment cpu_ladder --out reports/cpu_ladder
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean-demo:
+	rm -rf mlflow.db mlartifacts outputs multirun reports .cache/polar/runs

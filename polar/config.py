@@ -1,0 +1,174 @@
+"""Typed configuration of the science: model shape, data synthesis, training.
+
+Plain dataclasses, validated in __post_init__ with errors that name the bad value and
+what would be valid. `sweeps/schema.py` registers them with Hydra; nothing here imports
+Hydra, so the same objects serve the CLI, the tests and the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+def _one_of(owner: str, name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{owner}.{name}={value!r} is not valid; choose one of {list(valid)}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-architecture backbone (InternLM2.5 is Llama-shaped)."""
+
+    name: str = "1m"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    intermediate_size: int = 352
+    vocab_size: int = 1024
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("model", hidden_size=self.hidden_size, num_layers=self.num_layers,
+                  num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                  intermediate_size=self.intermediate_size, vocab_size=self.vocab_size,
+                  max_position_embeddings=self.max_position_embeddings,
+                  rope_theta=self.rope_theta)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                             f"model.num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                             f"model.num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class PolicySpec:
+    """One member of the policy pool.
+
+    kind=ngram: a token n-gram model of `order` trained on corpus `source`.
+    kind=hf: a transformers causal LM loaded from the local directory `path`.
+    """
+
+    name: str = ""
+    kind: str = "ngram"
+    order: int = 2
+    source: str = "stdlib"
+    path: str = ""
+    temperature: float = 1.0
+    top_p: float = 0.9
+    top_k: int = 50
+
+    def __post_init__(self) -> None:
+        _one_of("policy", "kind", self.kind, ("ngram", "hf"))
+        _positive(f"policy[{self.name}]", temperature=self.temperature, top_p=self.top_p,
+                  top_k=self.top_k, order=self.order)
+        if self.top_p > 1:
+            raise ValueError(f"policy[{self.name}].top_p must be in (0, 1], got {self.top_p}")
+        if self.kind == "hf" and not self.path:
+            raise ValueError(f"policy[{self.name}] of kind 'hf' needs a local model directory in 'path'")
+        if not self.name:
+            self.name = (f"{self.kind}{self.order}-{self.source}-t{self.temperature:g}"
+                         if self.kind == "ngram" else f"hf-{self.path}-t{self.temperature:g}")
+
+
+CORPUS_SOURCES = ("stdlib", "pydoc", "kjv")  # polar.corpus.SOURCES
+
+
+def cpu_policy_pool() -> list[PolicySpec]:
+    """The default pool: n-gram models of orders 1-3 on each corpus source, sampled at a
+    low and a high temperature: 18 policies with distinct but overlapping styles."""
+    return [PolicySpec(order=order, source=source, temperature=temperature)
+            for order in (1, 2, 3) for source in CORPUS_SOURCES for temperature in (0.7, 1.2)]
+
+
+@dataclass
+class DataConfig:
+    """What to synthesize: corpus, tokenizer, policy pool, triplet counts and lengths."""
+
+    corpus: list[str] = field(default_factory=lambda: list(CORPUS_SOURCES))
+    tokenizer: str = "bpe"           # "bpe" (train offline) or a local HF tokenizer directory
+    vocab_size: int = 1024           # for tokenizer=bpe
+    policies: list[PolicySpec] = field(default_factory=cpu_policy_pool)
+    n_train: int = 4096
+    n_val: int = 256
+    prefix_min: int = 8
+    prefix_max: int = 24
+    response_len: int = 24
+    val_fraction: float = 0.1        # share of each corpus source held out for val prefixes
+    shard_size: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("data", n_train=self.n_train, n_val=self.n_val, prefix_min=self.prefix_min,
+                  prefix_max=self.prefix_max, response_len=self.response_len,
+                  vocab_size=self.vocab_size, shard_size=self.shard_size,
+                  val_fraction=self.val_fraction)
+        if self.prefix_min > self.prefix_max:
+            raise ValueError(f"data.prefix_min={self.prefix_min} must be <= data.prefix_max={self.prefix_max}")
+        for source in self.corpus:
+            _one_of("data", "corpus", source, CORPUS_SOURCES)
+        if not self.corpus:
+            raise ValueError(f"data.corpus is empty; list at least one of {list(CORPUS_SOURCES)}")
+        self.policies = [p if isinstance(p, PolicySpec) else PolicySpec(**p) for p in self.policies]
+        if len(self.policies) < 2:
+            raise ValueError(f"data.policies holds {len(self.policies)} policy; POLAR needs at least "
+                             "two (a positive pair comes from one policy, the negative from another)")
+        names = [p.name for p in self.policies]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.policies has duplicate names: {sorted(names)}")
+
+    @property
+    def mean_prefix_len(self) -> float:
+        return (self.prefix_min + self.prefix_max) / 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW, warmup then cosine decay, clipping, accumulation, evaluation."""
+
+    lr: float = 1e-3
+    batch_size: int = 32             # triplets per optimizer step
+    micro_batch_size: int = 0        # 0 = batch_size (no accumulation)
+    warmup_fraction: float = 0.05
+    schedule: str = "cosine"         # cosine | constant | linear
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    n_evals: int = 12                # validation points per run
+    eval_spacing: str = "log"        # log | linear in optimizer steps (= in compute)
+    packing: bool = False            # shared-prefix packing (naive two-sequence path if False)
+    threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
+    dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    backbone_tokens: float = 0.0     # the backbone's pre-training tokens (recipe=polar_law)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive("train", lr=self.lr, batch_size=self.batch_size, n_evals=self.n_evals)
+        _one_of("train", "schedule", self.schedule, ("cosine", "constant", "linear"))
+        _one_of("train", "eval_spacing", self.eval_spacing, ("log", "linear"))
+        _one_of("train", "dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(f"train.micro_batch_size={self.micro_batch_size} must be 0 or divide "
+                             f"train.batch_size={self.batch_size}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // (self.micro_batch_size or self.batch_size)

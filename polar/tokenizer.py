@@ -1,0 +1,85 @@
+"""Tokenizers: load a local Hugging Face tokenizer, or train a small byte-level BPE offline.
+
+POLAR needs two special tokens besides BOS: the separator `<|reward|>` between the
+reference half and the candidate half, and the token at which the score is read,
+`[UNUSED_TOKEN_130]` in POLAR's tokenizer (its model config calls it reward_token_id).
+A trained tokenizer is cached under a content hash of its inputs and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+SEP_TOKEN = "<|reward|>"
+REWARD_TOKEN = "[UNUSED_TOKEN_130]"
+BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, SEP_TOKEN, REWARD_TOKEN]
+
+
+def train_bpe(texts: list[str], vocab_size: int, out_dir: str | Path):
+    """Train a byte-level BPE with POLAR's special tokens and save it as a HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS_TOKEN, eos_token=EOS_TOKEN,
+                                   pad_token=PAD_TOKEN,
+                                   additional_special_tokens=[SEP_TOKEN, REWARD_TOKEN])
+    _save_atomic(fast, Path(out_dir))
+    return fast
+
+
+def cached_bpe(sources: list[str], vocab_size: int, cache_dir: str | Path):
+    """The BPE tokenizer for these corpus sources, trained once and then loaded."""
+    from polar.corpus import load_text
+
+    key = hashlib.sha256(json.dumps({"sources": sources, "vocab": vocab_size, "v": 1}).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
+    if (path / "tokenizer.json").exists():
+        return load_tokenizer(path)
+    return train_bpe([load_text(s) for s in sources], vocab_size, path)
+
+
+def load_tokenizer(path: str | Path):
+    """A local HF tokenizer directory, checked for POLAR's special tokens."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    special_ids(tok)   # raises when a POLAR token is missing
+    return tok
+
+
+def special_ids(tok) -> dict[str, int]:
+    """bos, sep (<|reward|>), reward (score token) and pad ids of a tokenizer."""
+    vocab = tok.get_vocab()
+    missing = [t for t in (SEP_TOKEN, REWARD_TOKEN) if t not in vocab]
+    if missing:
+        raise ValueError(f"tokenizer lacks POLAR's special token(s) {missing}: the candidate half is "
+                         f"separated by {SEP_TOKEN!r} and scored at {REWARD_TOKEN!r}; add them or "
+                         "use data.tokenizer=bpe")
+    bos = tok.bos_token_id if tok.bos_token_id is not None else vocab.get(BOS_TOKEN)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return {"bos": bos, "sep": vocab[SEP_TOKEN], "reward": vocab[REWARD_TOKEN], "pad": pad}
+
+
+def _save_atomic(tok, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():   # another process won the race: keep theirs
+        import shutil
+        shutil.rmtree(tmp)
+        return
+    os.replace(tmp, path)

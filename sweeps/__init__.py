@@ -1,0 +1,1 @@
+"""Config -> jobs: Hydra entry point, structured configs, pure derivation, one job's life."""

@@ -1,0 +1,200 @@
+"""One job's life: plan, find or create its MLflow run, build data and model, train, log.
+
+The run key (a hash of every configuration value that changes the result) names the
+run's folder and tags its MLflow run: a finished run is skipped, an interrupted one
+resumes from its checkpoint into the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from sweeps.derive import Plan, local_refusal, plan_run
+from sweeps.schema import JobConfig
+
+ENV_EXPERIMENT_ID = "POLAR_MLFLOW_EXPERIMENT_ID"
+ENV_PARENT_RUN_ID = "POLAR_PARENT_RUN_ID"
+ENV_SWEEP_ID = "POLAR_SWEEP_ID"
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def plan_of(job: JobConfig) -> Plan:
+    return plan_run(job.model, job.data, job.train, job.budget.tokens, job.budget.flops,
+                    job.recipe, job.train.backbone_tokens, job.resources)
+
+
+def run_key(job: JobConfig) -> str:
+    """Hash of what changes the result: model, data, training, budget, recipe, seed.
+    Not: tracking, paths, resources, CPU threads."""
+    train = {k: v for k, v in asdict(job.train).items() if k != "threads"}
+    blob = {"model": asdict(job.model), "data": asdict(job.data), "train": train,
+            "budget": asdict(job.budget), "recipe": job.recipe, "seed": job.seed}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_name(job: JobConfig, plan: Plan) -> str:
+    budget = f"C{plan.compute:.0e}" if job.budget.flops is not None else f"T{plan.tokens:.0e}"
+    return f"polar-{job.model.name}-{budget.replace('+', '')}-s{job.seed}"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> dict:
+    """The run parameters of DESIGN.md's contract, as logged to MLflow."""
+    return {"model": plan.model, "n_params": plan.n_params, "n_params_nonembed": plan.n_params_nonembed,
+            "flops_per_token": plan.flops_per_token, "tokens": plan.tokens, "compute": plan.compute,
+            "lr": plan.lr, "batch_size": plan.batch_size, "seq_len": plan.seq_len, "seed": job.seed,
+            "steps": plan.steps, "data_id": data_id, "run_key": key,
+            "sweep_id": os.environ.get(ENV_SWEEP_ID, "none"), "git_sha": git_sha(),
+            "flops_convention": "6N+12LdS fwd+bwd (PaLM)"}
+
+
+def run_job(job: JobConfig, job_index: str = "") -> dict:
+    """Train one point of a sweep (or skip it when its run already finished)."""
+    import torch
+
+    if job.train.threads > 0:
+        torch.set_num_threads(job.train.threads)
+    plan, key = plan_of(job), run_key(job)
+    name = run_name(job, plan)
+    run_dir = Path(job.paths.runs_dir) / key
+    print(f"[job {job_index}] {name}: N={plan.n_params:,} tokens={plan.tokens:.3g} "
+          f"C={plan.compute:.3g} steps={plan.steps} lr={plan.lr:.3g} run_dir={run_dir}", flush=True)
+    if not torch.cuda.is_available() and (reason := local_refusal(plan, job.resources)):
+        raise RuntimeError(reason)
+    tracker = Tracker.open(job, key, name, run_dir)
+    if tracker.finished:
+        print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
+        return {"run_key": key, "skipped": True, "val_loss": tracker.final_loss}
+    try:
+        result = _train(job, plan, key, name, run_dir, tracker)
+    except BaseException as err:
+        tracker.fail(err)
+        raise
+    return {"run_key": key, "skipped": False, "val_loss": result.val_loss}
+
+
+def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: "Tracker"):
+    import torch
+
+    from polar.model import build_model
+    from polar.trainer import fit
+
+    data = prepare_data(job)
+    tracker.start(run_params(job, plan, key, data["data_id"]))
+    torch.manual_seed(job.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(job.model, bos_token_id=data["special"]["bos"], pad_token_id=data["special"]["pad"],
+                        reward_token_id=data["special"]["reward"], sep_token_id=data["special"]["sep"]).to(device)
+    train_cfg = job.train
+    if job.recipe != "fixed":
+        from dataclasses import replace
+        train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)
+    result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
+                 plan.flops_per_token, run_dir, tracker.sink, desc=name)
+    model_dir = run_dir / "model"
+    model.save_pretrained(model_dir)
+    data["tokenizer"].save_pretrained(model_dir)
+    tracker.complete(result, model_dir, plan)
+    return result
+
+
+def prepare_data(job: JobConfig) -> dict:
+    """Tokenizer, synthesized data (cached by content) and its token ids."""
+    from polar.data import tokenize_triplets
+    from polar.synthesis import config_key, read_manifest, read_split, synthesize
+    from polar.tokenizer import cached_bpe, load_tokenizer, special_ids
+
+    cache = Path(job.paths.cache_dir)
+    if job.data.tokenizer == "bpe":
+        tok = cached_bpe(job.data.corpus, job.data.vocab_size, cache)
+        tok_id = f"bpe-{job.data.vocab_size}-{'-'.join(job.data.corpus)}"
+    else:
+        tok, tok_id = load_tokenizer(job.data.tokenizer), str(Path(job.data.tokenizer).resolve())
+    if len(tok) > job.model.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={job.model.vocab_size}; "
+                         "use a model preset with a vocabulary at least as large")
+    data_dir = cache / "data" / config_key(job.data, tok_id)
+    manifest = synthesize(job.data, tok, data_dir) if not (data_dir / "manifest.json").exists() \
+        else read_manifest(data_dir)
+    return {"tokenizer": tok, "special": special_ids(tok), "data_id": manifest["data_id"],
+            "train": tokenize_triplets(read_split(data_dir, "train"), tok),
+            "val": tokenize_triplets(read_split(data_dir, "val"), tok)}
+
+
+class Tracker:
+    """The job's MLflow run (or none with tracking=off) plus a JSONL copy of every metric."""
+
+    def __init__(self, job: JobConfig, run_id: str | None, finished: bool, final_loss: float | None,
+                 run_dir: Path):
+        from polar.tracking import JsonlSink, MLflowSink, NullSink, TeeSink
+
+        self.job, self.run_id, self.finished, self.final_loss = job, run_id, finished, final_loss
+        remote = MLflowSink(run_id, job.tracking.uri) if run_id else NullSink()
+        self.sink = TeeSink(JsonlSink(run_dir / "metrics.jsonl"), remote)
+        self.run_dir = run_dir
+
+    @classmethod
+    def open(cls, job: JobConfig, key: str, name: str, run_dir: Path) -> "Tracker":
+        if job.tracking.backend == "off":
+            return cls(job, None, False, None, run_dir)
+        from polar.tracking import create_run, ensure_experiment, find_run
+
+        exp_id = os.environ.get(ENV_EXPERIMENT_ID) or ensure_experiment(job.experiment_name, job.tracking.uri)
+        run = find_run(exp_id, key, job.tracking.uri)
+        if run is not None and run.info.status == "FINISHED":
+            return cls(job, run.info.run_id, True, run.data.metrics.get("val/loss_final"), run_dir)
+        if run is not None and (run_dir / RUN_ID_FILE).exists():
+            run_id = (run_dir / RUN_ID_FILE).read_text().strip()   # resume into the same run
+        else:
+            tags = {"run_key": key, "polar.kind": "job", "sweep_id": os.environ.get(ENV_SWEEP_ID, "none"),
+                    "git_sha": git_sha()}
+            if os.environ.get(ENV_PARENT_RUN_ID):
+                tags["mlflow.parentRunId"] = os.environ[ENV_PARENT_RUN_ID]
+            run_id = create_run(exp_id, name, tags, job.tracking.uri)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RUN_ID_FILE).write_text(run_id)
+        return cls(job, run_id, False, None, run_dir)
+
+    def start(self, params: dict) -> None:
+        from polar.tracking import JsonlSink
+
+        if self.run_id:
+            from mlflow import MlflowClient
+            client = MlflowClient(self.job.tracking.uri)
+            existing = client.get_run(self.run_id).data.params
+            new = {k: v for k, v in params.items() if k not in existing}
+            if new:
+                self.sink.sinks[1].log_params(new)
+            client.update_run(self.run_id, status="RUNNING")
+        JsonlSink(self.run_dir / "metrics.jsonl").log_params(params)
+
+    def complete(self, result, model_dir: Path, plan: Plan) -> None:
+        self.sink.log_many([({"val/loss_final": result.val_loss, "val/acc_final": result.val_acc}, result.steps)])
+        self.sink.set_tags({"checkpoint_dir": str(self.run_dir.resolve())})
+        if self.run_id and plan.n_params < 1e9:
+            from mlflow import MlflowClient
+            MlflowClient(self.job.tracking.uri).log_artifacts(self.run_id, str(model_dir), "model")
+        self.sink.finish("FINISHED")
+
+    def fail(self, err: BaseException) -> None:
+        message = f"{type(err).__name__}: {err}"[:4000]
+        try:
+            self.sink.set_tags({"polar.error": message})
+            self.sink.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        except Exception as log_err:   # never hide the original error behind a logging one
+            print(f"could not mark the run as failed: {log_err}", file=sys.stderr)

@@ -1,0 +1,85 @@
+"""Structured configs: the typed schema behind every YAML file in conf/.
+
+The science's dataclasses (polar.config) are reused as they are; this module adds the
+sweep-level ones (budget, tracking, paths) and registers the whole tree with Hydra's
+ConfigStore, so a typo'd key or a wrong type fails before anything starts.
+`to_job_config` converts a DictConfig into plain dataclasses once, at the entry point,
+which runs every __post_init__ validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from polar.config import DataConfig, ModelConfig, TrainConfig
+from sweeps.derive import ResourcesConfig
+
+RECIPES = ("fixed", "polar_law")
+TRACKING_BACKENDS = ("mlflow", "off")
+
+
+@dataclass
+class BudgetConfig:
+    """What a run may spend: exactly one of tokens or flops (training FLOPs). Neither is a
+    valid schema default; sweeps.derive refuses to plan a run without one."""
+
+    tokens: Optional[float] = None
+    flops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        given = {k: v for k, v in (("tokens", self.tokens), ("flops", self.flops)) if v is not None}
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of budget.tokens or budget.flops, got both {given} "
+                             "(null one of them, e.g. budget.tokens=null)")
+        for key, value in given.items():
+            if value <= 0:
+                raise ValueError(f"budget.{key} must be > 0, got {value}")
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"          # mlflow | off
+    uri: Optional[str] = None        # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+
+    def __post_init__(self) -> None:
+        if self.backend not in TRACKING_BACKENDS:
+            raise ValueError(f"tracking.backend={self.backend!r} is not valid; choose one of {list(TRACKING_BACKENDS)}")
+
+
+@dataclass
+class PathsConfig:
+    cache_dir: str = ".cache/polar"  # tokenizers and synthesized data, shared by runs
+    runs_dir: str = "outputs/runs"   # one folder per run key: checkpoint, metrics.jsonl, model
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    experiment_name: str = "default"
+    recipe: str = "fixed"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r} is not valid; choose one of {list(RECIPES)}")
+
+
+def register() -> None:
+    """Register the schema so conf/config.yaml can list `base_config` first in its defaults."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=JobConfig)
+
+
+def to_job_config(cfg) -> JobConfig:
+    """DictConfig -> JobConfig, running every dataclass's validation (__post_init__)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(cfg)
