@@ -140,6 +140,7 @@ class TrainConfig:
     """Optimisation: AdamW, warmup then cosine decay, clipping, accumulation, evaluation."""
 
     lr: float = 1e-3
+    lr_width_ref: int = 0            # > 0: lr is scaled by lr_width_ref / hidden_size (muP-style)
     batch_size: int = 32             # triplets per optimizer step
     micro_batch_size: int = 0        # 0 = batch_size (no accumulation)
     warmup_fraction: float = 0.05

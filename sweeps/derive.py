@@ -81,6 +81,8 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainConfig, tokens: f
     tokens = tokens if tokens is not None else flops / fpt
     n = n_params(model)
     batch, lr = _recipe(recipe, train, n, tokens, backbone_tokens)
+    if recipe == "fixed" and train.lr_width_ref > 0:
+        lr = lr * train.lr_width_ref / model.hidden_size
     steps = math.floor(tokens / (per_triplet * batch))
     if steps < 1:
         raise ValueError(f"budget too small for one optimizer step of model {model.name!r}: "

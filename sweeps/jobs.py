@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from sweeps.derive import Plan, local_refusal, plan_run
@@ -100,10 +100,7 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(job.model, bos_token_id=data["special"]["bos"], pad_token_id=data["special"]["pad"],
                         reward_token_id=data["special"]["reward"], sep_token_id=data["special"]["sep"]).to(device)
-    train_cfg = job.train
-    if job.recipe != "fixed":
-        from dataclasses import replace
-        train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)
+    train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)   # the plan's recipe decides
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
                  plan.flops_per_token, run_dir, tracker.sink, desc=name)
     model_dir = run_dir / "model"

@@ -1,0 +1,377 @@
+"""``python -m analysis.report``: an experiment's finished runs -> fits, plots, report.
+
+Owns the end of the pipeline (DESIGN.md, data flow step 4):
+
+1. read the records of ``--experiment`` (analysis/runs.py);
+2. fit L = a N^b over model size (final losses; the lowest per size when a size was
+   trained at several budgets) and L = a C^b over the compute-optimal frontier of the
+   validation curves (analysis/frontier.py), each with bootstrap CIs; held-out
+   prediction of the largest model when there are at least 4 sizes; IsoFLOP minima
+   and N_opt = a C^b where a budget has at least 3 sizes;
+3. write ``fits.json``, ``report.md`` and PNGs to ``--out`` and log them as artifacts
+   of an analysis run (tag polar.kind = analysis) in the same experiment.
+
+``analyse`` is the pure part (records -> dict of fits); ``write_report`` does the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis import fit as F
+from analysis.frontier import envelope, isoflop_minima, pareto_frontier
+from analysis.laws import chinchilla_optimal
+
+__all__ = ["ReportError", "analyse", "write_report", "main"]
+
+
+class ReportError(ValueError):
+    """The experiment cannot be reported (no finished runs, too few sizes)."""
+
+
+# ---------------------------------------------------------------- analysis (pure)
+
+def size_points(records: pd.DataFrame) -> pd.DataFrame:
+    """One point per model size: the run with the lowest final loss."""
+    idx = records.groupby("n_params")["loss"].idxmin()
+    return records.loc[idx].sort_values("n_params").reset_index(drop=True)
+
+
+def frontier_points(rec) -> pd.DataFrame:
+    """The lower envelope of the validation curves; the records' own points when the
+    curves give fewer than 3."""
+    pts = envelope(rec.curves) if len(rec.curves) else pd.DataFrame()
+    if len(pts) < 3:
+        pts = pareto_frontier(rec.records.rename(columns={"compute": "flops_seen", "loss": "val_loss"}))
+    return pts
+
+
+def _fit_power(x, y, *, k: int, seed: int):
+    res = F.fit("power", {"x": x}, y)
+    return F.bootstrap(res, {"x": x}, y, k=k, seed=seed) if k >= 2 and len(y) > 2 else res
+
+
+def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
+    """Fits of an experiment's records; raises ReportError when there are too few.
+
+    The fit in N is required; the other parts are added when the data allow them, and
+    a part whose fit fails is listed in ``out["skipped"]`` with the reason.
+    """
+    records = rec.records.dropna(subset=["n_params", "loss"])
+    if records.empty:
+        raise ReportError(_no_runs_message(rec))
+    sizes = size_points(records)
+    if len(sizes) < 2:
+        raise ReportError(
+            f"experiment {rec.experiment!r} has finished runs of only {len(sizes)} model size(s) "
+            f"({sizes['n_params'].tolist()}); a fit of L = a N^b needs at least 2"
+        )
+    out = {"sizes": sizes, "skipped": {}}
+    try:
+        out["size_fit"] = _fit_power(sizes["n_params"].to_numpy(float), sizes["loss"].to_numpy(float),
+                                     k=bootstrap_k, seed=seed)
+    except F.FitError as exc:
+        raise ReportError(f"experiment {rec.experiment!r}: the fit of L = a N^b failed: {exc}") from None
+    out["frontier"] = frontier_points(rec)
+    out["isoflop"] = isoflop_minima(records.dropna(subset=["compute"]))
+    for name, part in (("size_holdout", _size_holdout), ("compute_fit", _compute_fit),
+                       ("size_prediction", _size_prediction), ("isoflop_fit", _isoflop_fit)):
+        try:
+            value = part(out, bootstrap_k, seed)
+        except F.FitError as exc:
+            out["skipped"][name] = str(exc)
+            continue
+        if value is not None:
+            out[name] = value
+    chin = chinchilla_fit(records)
+    if chin is not None:
+        out["chinchilla"] = chin
+    return out
+
+
+def _size_holdout(out, k, seed):
+    sizes = out["sizes"]
+    if len(sizes) < 4 or k < 2:
+        return None
+    above = float(sizes["n_params"].iloc[-2])
+    h = F.holdout(sizes, "power", above, k=k, seed=seed)
+    return {**{key: h[key] for key in ("n", "mape", "max_ape", "coverage", "n_train", "level")}, "above": above}
+
+
+def _compute_fit(out, k, seed):
+    front = out["frontier"]
+    if len(front) < 2:
+        return None
+    return _fit_power(front["compute"].to_numpy(float), front["loss"].to_numpy(float), k=k, seed=seed)
+
+
+def _size_prediction(out, k, seed):
+    if out["size_fit"].boot_thetas is None:
+        return None
+    n_next = 10 * float(out["sizes"]["n_params"].max())
+    pred, lo, hi = F.prediction_interval(out["size_fit"], x=[n_next], seed=seed)
+    return {"n_params": n_next, "loss": float(pred[0]), "lo": float(lo[0]), "hi": float(hi[0]), "level": 0.95}
+
+
+def _isoflop_fit(out, k, seed):
+    minima = out["isoflop"]
+    ok = minima[minima["ok"]] if len(minima) else minima
+    if len(ok) < 2:
+        return None
+    return F.fit("power", {"x": ok["compute"].to_numpy(float)}, ok["n_opt"].to_numpy(float))
+
+
+def chinchilla_fit(records: pd.DataFrame) -> dict | None:
+    """Approach 3 where the grid can identify it (>= 10 runs, >= 3 sizes and token
+    counts, log N and log D not collinear): the fit, or the reason it was skipped."""
+    r = records.dropna(subset=["n_params", "tokens", "loss"])
+    r = r[(r["n_params"] > 0) & (r["tokens"] > 0)]
+    if len(r) < 10 or r["n_params"].nunique() < 3 or r["tokens"].nunique() < 3:
+        return None
+    corr = np.corrcoef(np.log(r["n_params"]), np.log(r["tokens"]))[0, 1]
+    if abs(corr) > 0.95:
+        return {"skipped": f"log N and log D are collinear (correlation {corr:.3f}); a grid varying "
+                           "tokens per parameter is needed"}
+    try:
+        res = F.fit_records(r, "chinchilla")
+    except F.FitError as exc:
+        return {"skipped": str(exc)}
+    c_max = float(r["compute"].max()) if "compute" in r and r["compute"].notna().any() else float(
+        6 * (r["n_params"] * r["tokens"]).max())
+    n_opt, d_opt = chinchilla_optimal(c_max, **res.params)
+    return {"fit": res, "compute": c_max, "n_opt": float(n_opt), "d_opt": float(d_opt)}
+
+
+def _no_runs_message(rec) -> str:
+    extra = []
+    if rec.failed:
+        extra.append(f"{len(rec.failed)} failed ({', '.join(f.name or f.run_id for f in rec.failed[:5])})")
+    if rec.unfinished:
+        extra.append(f"{len(rec.unfinished)} not finished")
+    detail = f": {'; '.join(extra)}" if extra else " (no job runs at all)"
+    return (
+        f"experiment {rec.experiment!r} at {rec.tracking_uri!r} has no FINISHED job runs"
+        f"{detail}; run the sweep first (python -m sweeps.run -m +experiment={rec.experiment})"
+    )
+
+
+# ---------------------------------------------------------------- files
+
+def _fit_json(res, x: str) -> dict:
+    d = res.to_dict()
+    return {"law": d.pop("law"), "x": x, **d}
+
+
+def fits_json(rec, an: dict) -> dict:
+    fits = {"loss_vs_params": _fit_json(an["size_fit"], "n_params")}
+    if "size_holdout" in an:
+        fits["loss_vs_params"]["holdout"] = an["size_holdout"]
+    if "compute_fit" in an:
+        fits["loss_vs_compute"] = _fit_json(an["compute_fit"], "compute")
+        fits["loss_vs_compute"]["frontier_points"] = int(len(an["frontier"]))
+    if "size_prediction" in an:
+        fits["loss_vs_params"]["prediction"] = an["size_prediction"]
+    if "isoflop_fit" in an:
+        fits["n_opt_vs_compute"] = _fit_json(an["isoflop_fit"], "compute")
+    chin = an.get("chinchilla")
+    if chin and "fit" in chin:
+        fits["chinchilla"] = {**_fit_json(chin["fit"], "n_params,tokens"),
+                              "optimal": {k: chin[k] for k in ("compute", "n_opt", "d_opt")}}
+    elif chin:
+        fits["chinchilla"] = {"skipped": chin["skipped"]}
+    return {
+        "experiment": rec.experiment,
+        "tracking_uri": rec.tracking_uri,
+        "fits": fits,
+        "isoflop_minima": _records(an["isoflop"]),
+        "runs": _records(rec.records[["run_id", "model", "n_params", "n_params_nonembed", "tokens", "compute", "loss"]]),
+        "failed": [{"name": f.name, "run_id": f.run_id, "status": f.status, "error": f.error} for f in rec.failed],
+        "unfinished": list(rec.unfinished),
+        "skipped": dict(an.get("skipped", {})),
+    }
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    def clean(v):
+        if isinstance(v, (np.floating, float)):
+            return None if not math.isfinite(float(v)) else float(v)
+        if isinstance(v, np.integer):
+            return int(v)
+        if isinstance(v, np.bool_):
+            return bool(v)
+        return v
+
+    return [{k: clean(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def _fit_section(title: str, d: dict, symbol: str) -> list[str]:
+    p, ci = d["params"], d.get("ci", {})
+    lines = [f"## {title}", "",
+             f"**L = {p['a']:.4g} · {symbol}^{p['b']:.5f}**  (R² = {d['r2']:.4f}, R² in log space = {d['r2_log']:.4f}, "
+             f"MAPE = {d['mape']:.3f} %, n = {d['n']}, Huber objective = {d['objective']:.3g})", "",
+             "| parameter | estimate | 95% CI (bootstrap) |", "|---|---|---|"]
+    for k, v in p.items():
+        lo_hi = f"{ci[k][0]:.4g} to {ci[k][1]:.4g}" if k in ci else "–"
+        lines.append(f"| {k} | {v:.5g} | {lo_hi} |")
+    if "holdout" in d:
+        h = d["holdout"]
+        lines += ["", f"Held-out check: fitted on the {h['n_train']} sizes with N ≤ {h['above']:.3g}, predicted the "
+                  f"{h['n']} larger: MAPE {h['mape']:.2f} %, max APE {h['max_ape']:.2f} %, "
+                  f"{int(100 * h['level'])}% prediction interval covered {100 * h['coverage']:.0f} %."]
+    return lines + [""]
+
+
+def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
+    fits = fj["fits"]
+    lines = [f"# Scaling report: {rec.experiment}", "",
+             f"{len(rec.records)} finished runs, {len(rec.failed)} failed, {len(rec.unfinished)} unfinished "
+             f"(tracking URI `{rec.tracking_uri}`). Fits: log space, sum of Huber losses (δ = 1e-3) of log "
+             "residuals, multi-start L-BFGS (analysis/fit.py); CIs: 95% percentile bootstrap over points.", ""]
+    lines += _fit_section("Loss against model size (final validation loss)", fits["loss_vs_params"], "N")
+    if "prediction" in fits["loss_vs_params"]:
+        pr = fits["loss_vs_params"]["prediction"]
+        lines += [f"Prediction for N = {pr['n_params']:.3g} (10x the largest model): L = {pr['loss']:.4g}, "
+                  f"95% prediction interval {pr['lo']:.4g} to {pr['hi']:.4g}.", ""]
+    if "loss_vs_params" in images:
+        lines += [f"![loss vs N]({images['loss_vs_params']})", ""]
+    if "loss_vs_compute" in fits:
+        lines += _fit_section(
+            f"Loss against compute (frontier of the validation curves, {fits['loss_vs_compute']['frontier_points']} points)",
+            fits["loss_vs_compute"], "C")
+    if "loss_vs_compute" in images:
+        lines += [f"![loss vs C]({images['loss_vs_compute']})", ""]
+    if fj["isoflop_minima"]:
+        lines += ["## IsoFLOP minima", "", "| compute (FLOPs) | N_opt | loss at N_opt | sizes | ok |", "|---|---|---|---|---|"]
+        lines += [f"| {_fmt(m['compute'])} | {_fmt(m['n_opt'])} | {_fmt(m['loss_opt'])} | {m['n_sizes']} | {m['ok']} |"
+                  for m in fj["isoflop_minima"]]
+        if "n_opt_vs_compute" in fits:
+            p = fits["n_opt_vs_compute"]["params"]
+            lines += ["", f"N_opt = {p['a']:.4g} · C^{p['b']:.4f}"]
+        lines.append("")
+    ch = fits.get("chinchilla")
+    if ch and "skipped" in ch:
+        lines += ["## Chinchilla law (Approach 3)", "", f"Not fitted: {ch['skipped']}", ""]
+    elif ch:
+        p, o = ch["params"], ch["optimal"]
+        lines += ["## Chinchilla law (Approach 3)", "",
+                  f"L = {p['E']:.4g} + {p['A']:.4g} / N^{p['alpha']:.4f} + {p['B']:.4g} / D^{p['beta']:.4f} "
+                  f"(R² = {ch['r2']:.4f}, n = {ch['n']}); at C = {o['compute']:.3g} FLOPs the optimum is "
+                  f"N = {o['n_opt']:.3g}, D = {o['d_opt']:.3g} tokens.", ""]
+    if "isoflop" in images:
+        lines += [f"![isoflop]({images['isoflop']})", ""]
+    if "residuals" in images:
+        lines += [f"![residuals]({images['residuals']})", ""]
+    lines += ["## Runs", "", "| model | N | N (non-embedding) | tokens | compute (FLOPs) | final val loss | run id |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['n_params'])} | {_fmt(r['n_params_nonembed'])} | {_fmt(r['tokens'])} | "
+              f"{_fmt(r['compute'])} | {_fmt(r['loss'])} | `{r['run_id']}` |" for r in fj["runs"]]
+    lines.append("")
+    if fj["skipped"]:
+        lines += ["## Not computed", ""] + [f"- {k}: {v}" for k, v in fj["skipped"].items()] + [""]
+    if fj["failed"]:
+        lines += ["## Failed runs", "", "| run | status | error | run id |", "|---|---|---|---|"]
+        lines += [f"| {f['name']} | {f['status']} | {f['error'] or '–'} | `{f['run_id']}` |" for f in fj["failed"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(rec, an: dict, out_dir: Path) -> list[Path]:
+    """fits.json, report.md and the PNGs in ``out_dir``; returns the paths written."""
+    from analysis import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images: dict[str, str] = {}
+    sf = an["size_fit"]
+    band = None
+    if sf.boot_thetas is not None:
+        g = np.geomspace(an["sizes"]["n_params"].min() / 1.5, an["sizes"]["n_params"].max() * 1.5, 100)
+        band = (g, *F.confidence_band(sf, x=g))
+    images["loss_vs_params"] = "loss_vs_params.png"
+    plots.plot_loss_vs_params(an["sizes"], sf, out_dir / images["loss_vs_params"], band=band,
+                              title=f"{rec.experiment}: loss against model size")
+    if len(rec.curves) or "compute_fit" in an:
+        images["loss_vs_compute"] = "loss_vs_compute.png"
+        plots.plot_loss_vs_compute(rec.curves, rec.records, an["frontier"], an.get("compute_fit"),
+                                   out_dir / images["loss_vs_compute"], title=f"{rec.experiment}: loss against compute")
+    if len(an["isoflop"]):
+        images["isoflop"] = "isoflop.png"
+        plots.plot_isoflops(rec.records, an["isoflop"], out_dir / images["isoflop"])
+    series = {"L(N)": (an["sizes"]["n_params"], sf, "parameters N")}
+    if "compute_fit" in an:
+        series["L(C) frontier"] = (an["frontier"]["compute"], an["compute_fit"], "training compute C (FLOPs)")
+    images["residuals"] = "residuals.png"
+    plots.plot_residuals(series, out_dir / images["residuals"])
+    fj = fits_json(rec, an)
+    (out_dir / "fits.json").write_text(json.dumps(F.json_safe(fj), indent=2) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(rec, fj, images))
+    return [out_dir / "report.md", out_dir / "fits.json"] + [out_dir / v for v in images.values()]
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m analysis.report",
+                                description="Fit, plot and report an experiment's finished runs.")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name (= sweep name)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/EXPERIMENT)")
+    p.add_argument("--bootstrap", type=int, default=200, metavar="K", help="bootstrap resamples (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mlflow-log", action="store_true", help="write the files but log no analysis run")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from analysis.runs import RunsError, load_records, log_analysis
+
+    args = _parser().parse_args(argv)
+    t0 = time.perf_counter()
+    out_dir = Path(args.out or Path("reports") / args.experiment)
+    try:
+        rec = load_records(args.experiment, args.tracking_uri)
+        an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed)
+    except (RunsError, ReportError, F.FitError) as exc:
+        print(f"analysis.report: error: {exc}", file=sys.stderr)
+        return 2
+    files = write_report(rec, an, out_dir)
+    status = 0
+    if not args.no_mlflow_log:
+        sf, cf = an["size_fit"], an.get("compute_fit")
+        metrics = {"fit_n/a": sf.params["a"], "fit_n/b": sf.params["b"], "fit_n/r2": sf.r2}
+        if cf is not None:
+            metrics.update({"fit_c/a": cf.params["a"], "fit_c/b": cf.params["b"], "fit_c/r2": cf.r2})
+        try:
+            rid = log_analysis(rec.experiment_id, rec.tracking_uri, files,
+                               params={"n_runs": len(rec.records), "n_failed": len(rec.failed)}, metrics=metrics)
+            print(f"logged to MLflow: experiment {rec.experiment!r}, analysis run {rid}")
+        except Exception as exc:  # the files are written; say what did not happen
+            print(f"analysis.report: warning: could not log to MLflow ({type(exc).__name__}: {exc}); "
+                  f"the files in {out_dir} are complete", file=sys.stderr)
+            status = 1
+    sf = an["size_fit"]
+    print(f"L = {sf.params['a']:.4g} N^{sf.params['b']:.5f}  (R^2 = {sf.r2:.4f})")
+    if "compute_fit" in an:
+        cf = an["compute_fit"]
+        print(f"L = {cf.params['a']:.4g} C^{cf.params['b']:.5f}  (R^2 = {cf.r2:.4f}, frontier)")
+    print(f"report: {out_dir / 'report.md'}  (plots and fits.json beside it; {time.perf_counter() - t0:.1f} s)")
+    print(f"browse the runs: mlflow ui --backend-store-uri {rec.tracking_uri}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

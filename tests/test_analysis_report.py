@@ -1,0 +1,55 @@
+"""analysis.report on an IsoFLOP grid (no MLflow): Approach 2 and 3 reach the report."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.laws import chinchilla, chinchilla_optimal
+from analysis.report import ReportError, analyse, write_report
+from analysis.runs import CURVE_COLUMNS, Records
+
+TRUTH = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+
+
+def _grid_records():
+    rng = np.random.default_rng(0)
+    rows, curves = [], []
+    for c in (1e18, 1e19, 1e20):
+        n_opt, _ = chinchilla_optimal(c, **TRUTH)
+        for i, n in enumerate(n_opt * np.geomspace(0.1, 10, 5)):
+            d = c / (6 * n)
+            rid = f"c{c:.0e}-{i}"
+            loss = float(chinchilla(n, d, **TRUTH) * np.exp(rng.normal(0, 0.002)))
+            rows.append({"run_id": rid, "model": rid, "n_params": n, "n_params_nonembed": n, "tokens": d,
+                         "compute": c, "loss": loss})
+            f = np.geomspace(c / 20, c, 6)
+            curves.append(pd.DataFrame({"run_id": rid, "step": range(6), "tokens_seen": f / (6 * n), "flops_seen": f,
+                                        "val_loss": chinchilla(n, f / (6 * n), **TRUTH)}))
+    return Records(pd.DataFrame(rows), pd.concat(curves, ignore_index=True)[CURVE_COLUMNS], experiment="iso")
+
+
+def test_isoflop_grid_report(tmp_path):
+    rec = _grid_records()
+    an = analyse(rec, bootstrap_k=50)
+    assert an["isoflop"]["ok"].all() and len(an["isoflop"]) == 3
+    true_opt = [chinchilla_optimal(c, **TRUTH)[0] for c in (1e18, 1e19, 1e20)]
+    assert an["isoflop"]["n_opt"].tolist() == pytest.approx(true_opt, rel=0.3)
+    chin = an["chinchilla"]["fit"]
+    assert chin.params["E"] == pytest.approx(1.69, rel=0.05)
+    files = write_report(rec, an, tmp_path)
+    assert {f.name for f in files} >= {"report.md", "fits.json", "isoflop.png", "loss_vs_compute.png"}
+    fj = json.loads((tmp_path / "fits.json").read_text())
+    assert set(fj["fits"]) >= {"loss_vs_params", "loss_vs_compute", "n_opt_vs_compute", "chinchilla"}
+    assert fj["fits"]["n_opt_vs_compute"]["params"]["b"] == pytest.approx(0.28 / 0.62, rel=0.2)  # beta/(alpha+beta)
+    md = (tmp_path / "report.md").read_text()
+    assert "## IsoFLOP minima" in md and "Chinchilla law (Approach 3)" in md and "![isoflop](isoflop.png)" in md
+
+
+def test_one_size_is_not_enough():
+    rec = Records(pd.DataFrame({"run_id": ["a"], "model": ["m"], "n_params": [1e6], "n_params_nonembed": [1e6],
+                                "tokens": [1e7], "compute": [6e13], "loss": [0.5]}),
+                  pd.DataFrame(columns=CURVE_COLUMNS), experiment="one")
+    with pytest.raises(ReportError, match=r"only 1 model size\(s\) \(\[1000000.0\]\); a fit of L = a N\^b needs at least 2"):
+        analyse(rec)

@@ -1,0 +1,60 @@
+"""The reward model: parameter and FLOP accounting, value head, HF save/load."""
+
+import pytest
+import torch
+
+from polar.config import ModelConfig
+from polar.model import build_model, flops_per_token, load_model, n_params, n_params_nonembed
+
+SHAPES = [ModelConfig(name="a", hidden_size=48, num_layers=2, num_heads=1, num_kv_heads=1, intermediate_size=128),
+          ModelConfig(name="gqa", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                      intermediate_size=176, vocab_size=300)]
+
+
+@pytest.mark.parametrize("cfg", SHAPES, ids=lambda c: c.name)
+def test_param_count_matches_module(cfg):
+    model = build_model(cfg, reward_token_id=4)
+    assert n_params(cfg) == sum(p.numel() for p in model.parameters())
+    assert n_params(cfg) - n_params_nonembed(cfg) == cfg.vocab_size * cfg.hidden_size
+
+
+def test_internlm_shapes_have_their_published_sizes():
+    seven = ModelConfig(name="7b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                        intermediate_size=14336, vocab_size=92544)
+    assert 7.0e9 < n_params(seven) < 7.8e9
+    # 6N dominates at short context; attention adds 12*L*d*S
+    assert flops_per_token(seven, 4096) - flops_per_token(seven, 0) == 12 * 32 * 4096 * 4096
+    assert abs(flops_per_token(seven, 0) / (6 * n_params_nonembed(seven)) - 1) < 1e-3
+
+
+def test_value_head_reads_chosen_position():
+    cfg = SHAPES[0]
+    model = build_model(cfg, reward_token_id=4).eval()
+    ids = torch.randint(5, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        last = model(ids)
+        at = model(ids, score_index=torch.tensor([8, 3]))
+        prefix = model(ids[:, :4])
+    assert torch.allclose(last, model(ids, score_index=torch.tensor([8, 8])))
+    assert torch.allclose(at[0], last[0])
+    assert torch.allclose(at[1], prefix[1], atol=1e-5)   # causal: position 3 sees only the first 4 tokens
+    assert last.dtype == torch.float32 and model.v_head.bias is None
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = build_model(SHAPES[0], reward_token_id=4).eval()
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists()
+    loaded = load_model(tmp_path / "m").eval()
+    ids = torch.randint(5, 100, (1, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), loaded(ids))
+    assert loaded.config.reward_token_id == 4
+
+
+def test_load_model_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no POLAR model"):
+        load_model(tmp_path / "empty")

@@ -1,0 +1,70 @@
+"""The main command end to end: a two-size sweep into a real sqlite MLflow store."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
+        "data.prefix_min=4", "data.prefix_max=8", "data.response_len=8",
+        "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
+        "train.batch_size=8", "train.n_evals=2", "train.threads=1", "budget.tokens=2e4"]
+
+
+def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    return subprocess.run([sys.executable, "-m", "sweeps.run", "-m", *args, *TINY,
+                           f"paths.cache_dir={tmp_path}/cache", f"paths.runs_dir={tmp_path}/runs",
+                           f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    first = sweep(tmp, "model=100k,200k", "experiment_name=e2e")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return tmp, first
+
+
+def test_both_runs_land_in_mlflow_with_the_contract_names(finished_sweep):
+    from mlflow import MlflowClient
+
+    tmp, _ = finished_sweep
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("e2e")
+    jobs = client.search_runs([exp.experiment_id], "tags.`polar.kind` = 'job'")
+    assert sorted(r.data.params["model"] for r in jobs) == ["100k", "200k"]
+    parent = client.search_runs([exp.experiment_id], "tags.`polar.kind` = 'sweep'")[0]
+    for run in jobs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"model", "n_params", "n_params_nonembed", "flops_per_token", "tokens", "compute", "lr",
+                "batch_size", "seq_len", "seed", "data_id", "run_key", "sweep_id", "git_sha"} <= set(run.data.params)
+        assert {"train/loss", "val/loss", "val/acc", "tokens_seen", "flops_seen", "val/loss_final"} <= set(run.data.metrics)
+        val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
+        flop_steps = [m.step for m in client.get_metric_history(run.info.run_id, "flops_seen")]
+        assert val_steps == flop_steps and len(val_steps) == 2
+        assert Path(run.data.tags["checkpoint_dir"], "model", "model.safetensors").exists()
+
+
+def test_second_sweep_skips_finished_runs(finished_sweep):
+    tmp, _ = finished_sweep
+    again = sweep(tmp, "model=100k,200k", "experiment_name=e2e")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("finished earlier") == 2
+
+
+def test_two_budgets_fail_before_training(tmp_path):
+    out = sweep(tmp_path, "model=100k", "budget.flops=1e12")
+    assert out.returncode != 0
+    assert "give exactly one of budget.tokens or budget.flops" in out.stderr
+
+
+def test_unknown_preset_lists_the_valid_ones(tmp_path):
+    out = sweep(tmp_path, "model=42m")
+    assert out.returncode != 0
+    assert "Could not find 'model/42m'" in out.stderr and "100k" in out.stderr and "7b" in out.stderr

@@ -1,0 +1,102 @@
+"""Training: learning happens, resume is exact, non-finite losses stop the run."""
+
+import math
+
+import pytest
+import torch
+
+from polar.config import ModelConfig, TrainConfig
+from polar.model import build_model, flops_per_token
+from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at
+from polar.tracking import NullSink
+
+TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                   intermediate_size=64, vocab_size=512)
+
+
+class ListSink(NullSink):
+    def __init__(self):
+        self.points = []
+
+    def log_many(self, points):
+        self.points.extend(points)
+
+
+def _model(special, seed=0):
+    torch.manual_seed(seed)
+    return build_model(TINY, bos_token_id=special["bos"], pad_token_id=special["pad"],
+                       reward_token_id=special["reward"], sep_token_id=special["sep"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(99, 100, cfg) == pytest.approx(0.1, abs=0.01)
+    assert eval_steps(1000, 5, "log")[0] == 20 and eval_steps(1000, 5, "log")[-1] == 1000
+
+
+def test_training_lowers_validation_loss(tiny_data, tmp_path):
+    _, _, train, val, special = tiny_data
+    model = _model(special)
+    before, _ = evaluate(model, val, special)
+    sink = ListSink()
+    cfg = TrainConfig(lr=1e-2, batch_size=16, n_evals=3, warmup_fraction=0.0)
+    result = fit(model, train, val, special, cfg, 64, flops_per_token(TINY, 40), tmp_path, sink, progress=False)
+    assert result.val_loss < before - 0.01
+    vals = [(m, s) for m, s in sink.points if "val/loss" in m]
+    assert [s for _, s in vals] == eval_steps(64, 3, "log")
+    assert all(m["flops_seen"] == pytest.approx(m["tokens_seen"] * flops_per_token(TINY, 40)) for m, _ in vals)
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
+    fpt = flops_per_token(TINY, 40)
+    full = fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "full", NullSink(), progress=False)
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterFirstFlush(ListSink):
+        def log_many(self, points):
+            super().log_many(points)
+            raise Stop   # dies right after the first checkpoint (step 4)
+
+    with pytest.raises(Stop):
+        fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "cut", StopAfterFirstFlush(),
+            progress=False)
+    sink = ListSink()
+    resumed = fit(_model(special, seed=123), train, val, special, cfg, 16, fpt, tmp_path / "cut", sink,
+                  progress=False)
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+    assert resumed.tokens_seen == full.tokens_seen
+    assert min(s for _, s in sink.points) == 5     # no step logged twice
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import polar.trainer
+
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=1e-3, batch_size=8, n_evals=2, eval_spacing="linear")
+    real_step, calls = polar.trainer.train_step, []
+
+    def step_that_diverges(*args):
+        calls.append(1)
+        return math.nan if len(calls) == 3 else real_step(*args)
+
+    monkeypatch.setattr(polar.trainer, "train_step", step_that_diverges)
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 3"):
+        fit(_model(special), train, val, special, cfg, 4, 1.0, tmp_path, NullSink(), progress=False)
+    saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_checkpoint_from_another_shape_is_refused(tiny_data, tmp_path):
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=1e-3, batch_size=8, n_evals=1)
+    fit(_model(special), train, val, special, cfg, 1, 1.0, tmp_path, NullSink(), progress=False)
+    other = build_model(ModelConfig(name="o", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
+                                    intermediate_size=64, vocab_size=512))
+    with pytest.raises(ValueError, match="checkpoint .* is for model shape"):
+        fit(other, train, val, special, cfg, 2, 1.0, tmp_path, NullSink(), progress=False)
