@@ -23,6 +23,9 @@ demo: venv
 	$(BIN)/python -m sweeps.run -m +experiment=cpu_ladder
 	$(BIN)/python -m analysis.report --experiment cpu_ladder --out reports/cpu_ladder
 
+lint: venv
+	$(BIN)/ruff check polar sweeps analysis tests bench hydra_plugins
+
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
