@@ -10,7 +10,7 @@ from polar.model import build_model, flops_per_token
 from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at
 from polar.tracking import NullSink
 
-TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1,
                    intermediate_size=64, vocab_size=512)
 
 
@@ -36,14 +36,32 @@ def test_lr_schedule_warms_up_then_decays():
     assert eval_steps(1000, 5, "log")[0] == 20 and eval_steps(1000, 5, "log")[-1] == 1000
 
 
-def test_training_lowers_validation_loss(tiny_data, tmp_path):
-    _, _, train, val, special = tiny_data
+@pytest.fixture(scope="module")
+def easy_data(tokenizer, cache_dir):
+    """Two unigram policies on different sources: learnable in a few dozen steps."""
+    from polar.config import PolicySpec
+    from polar.data import tokenize_triplets
+    from polar.synthesis import read_split, synthesize
+    from polar.tokenizer import special_ids
+    from tests.conftest import tiny_data_config
+
+    cfg = tiny_data_config(policies=[PolicySpec(order=1, source="pydoc", temperature=0.3),
+                                     PolicySpec(order=1, source="stdlib", temperature=2.0)],
+                           n_train=512, response_len=16)
+    out = cache_dir / "easy-trainer-v2"
+    synthesize(cfg, tokenizer, out, progress=False)
+    return (tokenize_triplets(read_split(out, "train"), tokenizer),
+            tokenize_triplets(read_split(out, "val"), tokenizer), special_ids(tokenizer))
+
+
+def test_training_lowers_validation_loss(easy_data, tmp_path):
+    train, val, special = easy_data
     model = _model(special)
     before, _ = evaluate(model, val, special)
     sink = ListSink()
-    cfg = TrainConfig(lr=1e-2, batch_size=16, n_evals=3, warmup_fraction=0.0)
+    cfg = TrainConfig(lr=3e-3, batch_size=16, n_evals=3, warmup_fraction=0.0)
     result = fit(model, train, val, special, cfg, 64, flops_per_token(TINY, 40), tmp_path, sink, progress=False)
-    assert result.val_loss < before - 0.01
+    assert result.val_loss < before - 0.1
     vals = [(m, s) for m, s in sink.points if "val/loss" in m]
     assert [s for _, s in vals] == eval_steps(64, 3, "log")
     assert all(m["flops_seen"] == pytest.approx(m["tokens_seen"] * flops_per_token(TINY, 40)) for m, _ in vals)
