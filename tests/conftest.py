@@ -51,3 +51,10 @@ def tiny_data(tokenizer, cache_dir):
     synthesize(cfg, tokenizer, out, progress=False)
     return (cfg, out, tokenize_triplets(read_split(out, "train"), tokenizer),
             tokenize_triplets(read_split(out, "val"), tokenizer), special_ids(tokenizer))
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `slurm` skip without a cluster, and fail under POLAR_REQUIRE_SLURM=1."""
+    from tests.slurm_util import skip_unless_slurm
+
+    skip_unless_slurm(item)

@@ -1,0 +1,186 @@
+"""Scoring: batched scores equal one-by-one scores, the CLI round-trips JSONL, bad input is
+named with its line number and loses nothing, and a trained tiny model prefers a second
+trajectory of the reference's policy over another policy's."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from polar.config import ModelConfig
+from polar.model import build_model
+from polar.scoring import RewardScorer, main
+from polar.template import PRETRAIN, encode
+from polar.tokenizer import special_ids
+
+TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                   intermediate_size=64, vocab_size=512)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def new_model(tokenizer, cfg=TINY, seed=0):
+    special = special_ids(tokenizer)
+    torch.manual_seed(seed)
+    return build_model(cfg, bos_token_id=special["bos"], pad_token_id=special["pad"],
+                       reward_token_id=special["reward"], sep_token_id=special["sep"])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tmp_path_factory):
+    return save_model(new_model(tokenizer), tokenizer, tmp_path_factory.mktemp("scoring") / "model")
+
+
+PROMPT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
+OUTPUTS = ["sorted(xs)", "", "xs.sort()\nreturn xs", "def f(xs):\n    return sorted(xs, key=len)\n" * 3, "x"]
+
+
+def test_batched_scores_equal_one_by_one(model_dir):
+    one = RewardScorer(model_dir, device="cpu", batch_size=1)
+    many = RewardScorer(model_dir, device="cpu", batch_size=4)
+    single = one.score(PROMPT, "sorted(xs)", OUTPUTS)
+    batched = many.score(PROMPT, "sorted(xs)", OUTPUTS)
+    assert len(batched) == len(OUTPUTS) and len(set(batched)) == len(OUTPUTS)
+    assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_score_is_the_value_at_the_end_token(model_dir, tokenizer):
+    scorer = RewardScorer(model_dir, device="cpu")
+    ids = encode(tokenizer, PROMPT, "sorted(xs)", OUTPUTS[2])
+    assert ids[-1] == special_ids(tokenizer)["reward"]
+    with torch.no_grad():
+        direct = scorer.model(torch.tensor([ids])).item()
+    assert scorer.score(PROMPT, "sorted(xs)", [OUTPUTS[2]])[0] == pytest.approx(direct, abs=1e-6)
+
+
+def test_score_many_takes_per_item_wrappers(model_dir):
+    scorer = RewardScorer(model_dir, device="cpu", batch_size=3)
+    items = [{"prompt": PROMPT, "reference": "a", "output": o} for o in OUTPUTS[:3]]
+    items.append({"prompt": "Sort.", "reference": "a", "output": "b", "wrapper": "pretrain"})
+    scores = scorer.score_many(items)
+    assert scores[:3] == pytest.approx(scorer.score(PROMPT, "a", OUTPUTS[:3]), abs=1e-5)
+    pretrain = RewardScorer(model_dir, device="cpu", layout=PRETRAIN).score("Sort.", "a", ["b"])[0]
+    assert scores[3] == pytest.approx(pretrain, abs=1e-5)
+    assert scores[3] != pytest.approx(scorer.score("Sort.", "a", ["b"])[0], abs=1e-6)   # "\n" matters
+
+
+def test_model_directory_errors(tmp_path, model_dir, tokenizer):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        RewardScorer(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no POLAR model"):
+        RewardScorer(tmp_path / "empty")
+    new_model(tokenizer).save_pretrained(tmp_path / "no-tokenizer")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        RewardScorer(tmp_path / "no-tokenizer")
+    with pytest.raises(TypeError, match="list of candidates"):
+        RewardScorer(model_dir).score("p", "r", "one string")
+
+
+# ---------------------------------------------------------------- CLI
+
+def write_jsonl(path: Path, lines) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+GOOD = [{"prompt": PROMPT, "reference": [{"role": "assistant", "content": "sorted(xs)"}],
+         "output": [{"role": "assistant", "content": o}], "id": i} for i, o in enumerate(OUTPUTS)]
+
+
+def test_cli_writes_each_line_back_with_its_score(tmp_path, model_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:3] + [""] + GOOD[3:])    # a blank line is skipped
+    out = tmp_path / "out" / "scored.jsonl"
+    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(out), "--batch-size", "2"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(len(OUTPUTS)))
+    expected = RewardScorer(model_dir, device="cpu").score(PROMPT, "sorted(xs)", OUTPUTS)
+    assert [r["score"] for r in rows] == pytest.approx(expected, abs=1e-5)
+    assert all(r["prompt"] == PROMPT for r in rows)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["scored.jsonl"]    # no temporary left
+
+
+def test_cli_module_writes_stdout_and_progress_to_stderr(tmp_path, model_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:2])
+    proc = subprocess.run([sys.executable, "-m", "polar.score", "--model", str(model_dir), "--input", str(src)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["id"] for r in rows] == [0, 1] and all(isinstance(r["score"], float) for r in rows)
+    assert "scored 2 line(s)" in proc.stderr
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("[1, 2]", r"line 3: expected a JSON object .* got list"),
+    ('{"prompt": "p", "reference": "r"}', r"line 3: missing field\(s\) \['output'\]"),
+    ('{"prompt": [{"role": "user", "content": 5}], "reference": "r", "output": "o"}',
+     r"line 3: prompt\[0\]\['content'\] must be a string, got int"),
+    ('{"prompt": "p", "reference": "r", "output": "o", "wrapper": "chat"}', r"line 3: wrapper='chat'"),
+    ('{"prompt": "p", ', r"line 3: not valid JSON"),
+])
+def test_cli_bad_line_is_named_and_nothing_is_lost(tmp_path, model_dir, capsys, bad, message):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:2] + [bad] + GOOD[2:])
+    out = tmp_path / "scored.jsonl"
+    out.write_text("earlier results\n")
+    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "polar.score: error:" in err
+    assert re.search(message, err), err
+    assert out.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "scored.jsonl"]
+
+
+def test_cli_names_a_missing_model_or_input(tmp_path, model_dir, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    assert main(["--model", str(tmp_path / "none"), "--input", str(src)]) == 2
+    assert "model directory" in capsys.readouterr().err
+    assert main(["--model", str(model_dir), "--input", str(tmp_path / "missing.jsonl")]) == 2
+    assert "input file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a trained model discriminates policies
+
+@pytest.fixture(scope="module")
+def trained_dir(tokenizer, cache_dir, tmp_path_factory):
+    """A tiny model pre-trained on an easy pool: two unigram policies on different sources."""
+    from tests.conftest import tiny_data_config
+    from polar.config import PolicySpec, TrainConfig
+    from polar.data import tokenize_triplets
+    from polar.synthesis import read_split, synthesize
+    from polar.tracking import NullSink
+    from polar.trainer import fit
+
+    policies = [PolicySpec(order=1, source=s, temperature=1.0) for s in ("pydoc", "stdlib")]
+    cfg = tiny_data_config(policies=policies, n_train=2048, response_len=24)
+    data = cache_dir / "easy-data"
+    synthesize(cfg, tokenizer, data, progress=False)
+    special = special_ids(tokenizer)
+    train = tokenize_triplets(read_split(data, "train"), tokenizer)
+    val = tokenize_triplets(read_split(data, "val"), tokenizer)
+    shape = ModelConfig(name="tiny64", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                        intermediate_size=128, vocab_size=512)
+    model = new_model(tokenizer, shape)
+    run = tmp_path_factory.mktemp("trained")
+    fit(model, train, val, special, TrainConfig(lr=3e-3, batch_size=16, n_evals=1), 300, 1.0, run / "run",
+        NullSink(), progress=False)
+    return save_model(model, tokenizer, run / "model"), read_split(data, "val")
+
+
+@pytest.mark.slow
+def test_trained_model_prefers_the_references_policy(trained_dir):
+    model_dir, val_rows = trained_dir
+    scorer = RewardScorer(model_dir, device="cpu", layout=PRETRAIN)   # trajectories continue their prefix
+    wins = 0
+    for row in val_rows:
+        positive, negative = scorer.score(row["prompt"], row["reference"], [row["positive"], row["negative"]])
+        wins += positive > negative
+    assert wins / len(val_rows) >= 0.6, f"positive above negative on {wins}/{len(val_rows)} held-out triplets"
