@@ -3,7 +3,9 @@
 A triplet (prompt P, reference R, positive A2, negative B1) becomes two sequences in
 POLAR's layout, P R <|reward|> P A2 END and P R <|reward|> P B1 END. The naive collation
 pads them into one (2B, T) batch: rows [0, B) hold the positives, rows [B, 2B) the
-negatives, and `score_index` points at each END token.
+negatives, and `score_index` points at each END token. That naive path is the reference;
+the shared-prefix packed collation, which computes the common prefix once, lives in
+polar.packing (its attention masks make it more than collation).
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ class TokenTriplets:
         a, b = np.array([len(x) for x in self.positive]), np.array([len(x) for x in self.negative])
         return 2 * (3 + 2 * p + r) + a + b
 
+    def packed_tokens(self) -> np.ndarray:
+        """Tokens the shared-prefix packed path processes per triplet (polar.packing):
+        the prefix BOS P R <|reward|> P once, then each candidate with its END."""
+        p, r = np.array([len(x) for x in self.prompt]), np.array([len(x) for x in self.reference])
+        a, b = np.array([len(x) for x in self.positive]), np.array([len(x) for x in self.negative])
+        return 2 + 2 * p + r + (a + 1) + (b + 1)
+
 
 def tokenize_triplets(rows: list[dict], tokenizer, layout: Layout = Layout()) -> TokenTriplets:
     """Encode each piece separately (as the reference does), then truncate."""
@@ -48,8 +57,11 @@ def tokenize_triplets(rows: list[dict], tokenizer, layout: Layout = Layout()) ->
     out = TokenTriplets([], [], [], [])
     for p, r, a, b in zip(prompt, ref, pos, neg):
         p1, r1, a1 = truncate_pieces(p, r, a, layout)
-        _, _, b1 = truncate_pieces(p, r, b, layout)
-        out.prompt.append(p1), out.reference.append(r1), out.positive.append(a1), out.negative.append(b1)
+        p2, _, b1 = truncate_pieces(p, r, b, layout)
+        out.prompt.append(p1 if len(p1) <= len(p2) else p2)   # the smaller budget, as xtuner does
+        out.reference.append(r1)
+        out.positive.append(a1)
+        out.negative.append(b1)
     return out
 
 

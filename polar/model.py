@@ -44,13 +44,22 @@ class PolarRewardModel(LlamaPreTrainedModel):
         self.v_head = nn.Linear(config.hidden_size, 1, bias=False)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, attention_mask=None,
                 position_ids: torch.Tensor | None = None,
-                score_index: torch.Tensor | None = None) -> torch.Tensor:
+                score_index: torch.Tensor | None = None,
+                score_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards in float32. `score_index` (batch,) or (batch, k) picks the positions
-        whose values are the scores; by default the last position of each row."""
+        whose values are the scores; by default the last position of each row. With
+        `score_rows` (n,), the scores are read at (score_rows[i], score_index[i]): several
+        per row, as in a packed batch.
+
+        attention_mask: a (batch, seq) padding mask, or a 4D mask that transformers uses
+        as given (a (batch, 1, seq, seq) boolean/additive tensor, or a FlexAttention
+        BlockMask): that is how polar.packing passes its shared-prefix mask."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False).last_hidden_state
+        if score_rows is not None:
+            return self.v_head(hidden[score_rows, score_index]).squeeze(-1).float()
         values = self.v_head(hidden).squeeze(-1).float()
         if score_index is None:
             return values[:, -1]
@@ -59,8 +68,19 @@ class PolarRewardModel(LlamaPreTrainedModel):
         return picked if score_index.dim() == 2 else picked[:, 0]
 
 
-def build_model(cfg: ModelConfig, **token_ids: int | None) -> PolarRewardModel:
-    return PolarRewardModel(hf_config(cfg, **token_ids))
+def build_model(cfg: ModelConfig, attn_implementation: str = "sdpa", **token_ids: int | None) -> PolarRewardModel:
+    """A randomly initialised model; attention "sdpa" (CPU, naive path), "flex_attention"
+    (CUDA, packed path) or "eager"."""
+    config = hf_config(cfg, **token_ids)
+    config._attn_implementation = attn_implementation
+    return PolarRewardModel(config)
+
+
+def set_attention(model: PolarRewardModel, attn_implementation: str) -> PolarRewardModel:
+    """Switch a built model's attention implementation in place (e.g. to flex_attention
+    before packed training on CUDA); returns the model."""
+    model.set_attn_implementation(attn_implementation)
+    return model
 
 
 def load_model(path: str | Path) -> PolarRewardModel:

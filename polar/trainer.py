@@ -19,6 +19,7 @@ import torch
 from polar.config import TrainConfig
 from polar.data import TokenTriplets, batch_order, naive_batch
 from polar.loss import pair_accuracy, pretrain_loss
+from polar.packing import PackedBatch, pack_triplets, packed_rewards, row_capacity
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -56,22 +57,35 @@ def eval_steps(total: int, n_evals: int, spacing: str) -> list[int]:
     return sorted({max(1, min(total, int(round(p)))) for p in points} | {total})
 
 
-def scores(model, batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of positives and negatives for a naive batch."""
-    rewards = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                    score_index=batch["score_index"].to(device))
+def collate(batch: TokenTriplets, special: dict[str, int], packing: bool, model=None) -> dict | PackedBatch:
+    """Model inputs of a batch: shared-prefix packed rows (as wide as suits the model's
+    attention kernel), or the naive (2B, T) batch."""
+    if not packing:
+        return naive_batch(batch, special)
+    return pack_triplets(batch, special, max_len=row_capacity(model) if model is not None else None)
+
+
+def scores(model, batch: dict[str, torch.Tensor] | PackedBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of positives and negatives for a naive batch or a PackedBatch."""
+    if isinstance(batch, PackedBatch):
+        rewards = packed_rewards(model, batch, device)
+    else:
+        rewards = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                        score_index=batch["score_index"].to(device))
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
 
 
 @torch.no_grad()
-def evaluate(model, val: TokenTriplets, special: dict[str, int], device="cpu", batch_size: int = 64):
-    """Mean pre-training loss and pair accuracy over the whole validation set."""
+def evaluate(model, val: TokenTriplets, special: dict[str, int], device="cpu", batch_size: int = 64,
+             packing: bool = False):
+    """Mean pre-training loss and pair accuracy over the whole validation set, through
+    the same path (packed or naive) as training."""
     model.eval()
     losses, accs, weights = [], [], []
     for start in range(0, len(val), batch_size):
         chunk = val.subset(range(start, min(len(val), start + batch_size)))
-        pos, neg = scores(model, naive_batch(chunk, special), device)
+        pos, neg = scores(model, collate(chunk, special, packing, model), device)
         losses.append(pretrain_loss(pos, neg).item())
         accs.append(pair_accuracy(pos, neg).item())
         weights.append(len(chunk))
@@ -87,7 +101,7 @@ def train_step(model, optimizer, batch: TokenTriplets, special, cfg: TrainConfig
     for start in range(0, len(batch), micro):
         chunk = batch.subset(range(start, min(len(batch), start + micro)))
         with _autocast(cfg, device):
-            pos, neg = scores(model, naive_batch(chunk, special), device)
+            pos, neg = scores(model, collate(chunk, special, cfg.packing, model), device)
         loss = pretrain_loss(pos, neg) * len(chunk) / len(batch)
         loss.backward()
         total += loss.item()
@@ -123,14 +137,14 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         batch = train.subset(batch_order(len(train), cfg.batch_size, step, cfg.seed))
         loss = train_step(model, optimizer, batch, special, cfg, device)
         step += 1
-        tokens_seen += int(batch.naive_tokens().sum())
+        tokens_seen += int((batch.packed_tokens() if cfg.packing else batch.naive_tokens()).sum())
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss} at step {step}; the last good "
                                      f"checkpoint in {run_dir} is kept (try a lower train.lr)")
         buffer.append(({"train/loss": loss, "lr": optimizer.param_groups[0]["lr"]}, step))
         bar.update(1)
         if step in evals:
-            val_loss, val_acc = evaluate(model, val, special, device)
+            val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
             buffer.append(({"val/loss": val_loss, "val/acc": val_acc, "tokens_seen": tokens_seen,
                             "flops_seen": tokens_seen * flops_per_token}, step))
             save_checkpoint(run_dir, model, optimizer, step=step, tokens_seen=tokens_seen,

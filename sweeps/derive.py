@@ -50,12 +50,14 @@ class Plan:
     gpu_hours: float
 
 
-def sequence_lengths(data: DataConfig) -> tuple[float, float]:
-    """(mean sequence length, tokens per triplet) of the naive two-sequence path:
-    BOS P R <|reward|> P O END, twice per triplet."""
+def sequence_lengths(data: DataConfig, packing: bool = False) -> tuple[float, float]:
+    """(mean sequence length, tokens processed per triplet). A sequence is
+    BOS P R <|reward|> P O END; the naive path processes two per triplet, the packed path
+    the shared prefix once and each candidate with its END. Tokens, and so compute,
+    count what the training path processes."""
     p, r = data.mean_prefix_len, data.response_len
     seq = 3 + 2 * p + r + r
-    return seq, 2 * seq
+    return seq, (2 + 2 * p + r + 2 * (r + 1)) if packing else 2 * seq
 
 
 def polar_lr(n_params: float, backbone_tokens: float, rm_tokens: float) -> float:
@@ -76,7 +78,7 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainConfig, tokens: f
     if (tokens is None) == (flops is None):
         raise ValueError("give exactly one budget: budget.tokens=... or budget.flops=... "
                          f"(got tokens={tokens}, flops={flops})")
-    seq, per_triplet = sequence_lengths(data)
+    seq, per_triplet = sequence_lengths(data, train.packing)
     fpt = flops_per_token(model, seq)
     tokens = tokens if tokens is not None else flops / fpt
     n = n_params(model)

@@ -38,3 +38,11 @@ def test_big_models_need_several_gpus_and_refuse_the_laptop():
     reason = local_refusal(plan, ResourcesConfig())
     assert "hydra/launcher=slurm" in reason and "GB of memory" in reason
     assert local_refusal(plan_run(M, D, TrainConfig(), tokens=1e6, flops=None), ResourcesConfig()) is None
+
+
+def test_packing_plans_fewer_tokens_per_triplet():
+    naive = plan_run(M, D, TrainConfig(batch_size=16), tokens=1e6, flops=None)
+    packed = plan_run(M, D, TrainConfig(batch_size=16, packing=True), tokens=1e6, flops=None)
+    p, r = D.mean_prefix_len, D.response_len
+    assert packed.tokens_per_triplet == 2 + 2 * p + r + 2 * (r + 1)
+    assert packed.steps > naive.steps and packed.compute == naive.compute

@@ -1,0 +1,185 @@
+"""Processes and ranks: who am I, the process group, and data-parallel model wrapping.
+
+Owns: reading rank / world size / local rank from the environment that torchrun
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or SLURM (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST) sets up (`dist_env`, pure); starting
+and ending the process group (`init_distributed`, `shutdown`: nccl on CUDA, gloo on the
+CPU); wrapping a model for data parallelism (`wrap_model`: DDP, or FSDP2's fully_shard
+per decoder layer and at the root, for models whose weights and AdamW state do not fit
+one GPU); and the small collectives a data-parallel trainer needs (`shard`,
+`mean_across`, `full_state_dict`). A single process (no launcher) is world size 1 and
+every helper is then a no-op, so the same code runs on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    launcher: str = "single"          # torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Rank and world from torchrun's variables, else SLURM's, else a single process.
+    torchrun wins when both are set (`srun torchrun ...` starts one torchrun per node)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK", "0"),
+                       env.get("MASTER_ADDR", "127.0.0.1"), _int(env, "MASTER_PORT", str(DEFAULT_PORT)),
+                       "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return DistEnv(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID", "0"),
+                       env.get("MASTER_ADDR") or first_host(nodes), int(port), "slurm")
+    return DistEnv()
+
+
+def _int(env: Mapping[str, str], name: str, default: str | None = None) -> int:
+    value = env.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[007-009,012],cpu1" -> "gpu007"."""
+    head = _split_top_level(nodelist.strip())[0]
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + (first_host(suffix) if suffix else "")
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def device_for(env: DistEnv) -> torch.device:
+    """cuda:LOCAL_RANK where there is a GPU, else the CPU."""
+    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def init_distributed(env: DistEnv | None = None, backend: str | None = None,
+                     timeout_s: float = 1800) -> DistEnv:
+    """Join the process group (nccl on CUDA, gloo on the CPU); nothing for one process."""
+    env = env or dist_env()
+    if not env.distributed or dist.is_initialized():
+        return env
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    os.environ.setdefault("MASTER_ADDR", env.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return env
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, mode: str, env: DistEnv | None = None,
+               param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Wrap for data parallelism: "none", "ddp" (replicas, gradients all-reduced) or
+    "fsdp" (FSDP2: each decoder layer, then the root, fully_shard-ed over all ranks;
+    parameters become DTensor shards, so build the optimizer after wrapping).
+    param_dtype (fsdp) computes in that dtype with float32 gradient reduction."""
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel mode {mode!r} is not valid; choose one of {list(PARALLEL_MODES)}")
+    env = env or dist_env()
+    if mode == "none" or not env.distributed:
+        return model
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = next(model.parameters()).is_cuda
+        return DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
+    return _fully_shard(model, param_dtype)
+
+
+def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    for layer in unwrap(model).model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The PolarRewardModel inside a DDP wrapper (fully_shard keeps the module itself)."""
+    return getattr(model, "module", model)
+
+
+def shard(batch, env: DistEnv | None = None):
+    """This rank's contiguous share of a global batch of triplets (TokenTriplets)."""
+    env = env or dist_env()
+    if len(batch) % env.world_size:
+        raise ValueError(f"global batch of {len(batch)} triplets does not split evenly over "
+                         f"{env.world_size} ranks; choose train.batch_size as a multiple of the world size")
+    per = len(batch) // env.world_size
+    return batch.subset(range(env.rank * per, (env.rank + 1) * per))
+
+
+def mean_across(value: float) -> float:
+    """The mean of a number over all ranks (the global loss from per-rank losses)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded parameters and buffers on the CPU, on every rank (for checkpoints and
+    comparisons); works for plain, DDP-wrapped and fully_shard-ed models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    state = get_model_state_dict(unwrap(model), options=options)
+    return {k: v.detach().cpu() for k, v in state.items()}

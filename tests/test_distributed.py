@@ -1,0 +1,120 @@
+"""Ranks from torchrun / SLURM, and two gloo processes (DDP and fully_shard) that train
+like one process on the same global batch."""
+
+import random
+import socket
+
+import pytest
+import torch
+
+from polar.config import ModelConfig, TrainConfig
+from polar.data import TokenTriplets
+from polar.distributed import DistEnv, dist_env, first_host, shard, wrap_model
+from polar.model import build_model
+from polar.trainer import train_step
+
+SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}
+SHAPE = ModelConfig(name="t", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=64, vocab_size=64)
+STEPS, GLOBAL_BATCH = 3, 8
+# mode -> packing: both parallel modes, both collation paths
+RUNS = {"ddp": False, "fsdp": True}
+
+
+def test_dist_env_from_torchrun_slurm_or_nothing():
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
+                "SLURM_PROCID": "0", "SLURM_NTASKS": "2"}
+    assert dist_env(torchrun) == DistEnv(3, 8, 1, "n1", 1234, "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123",
+             "SLURM_JOB_NODELIST": "gpu[007-009,012],cpu1"}
+    assert dist_env(slurm) == DistEnv(5, 8, 1, "gpu007", 20123, "slurm")
+    assert dist_env({}) == DistEnv() and not DistEnv().distributed
+    with pytest.raises(ValueError, match="RANK='x' must be an integer"):
+        dist_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_first_host_of_slurm_node_lists():
+    assert first_host("node1") == "node1"
+    assert first_host("node1,node2") == "node1"
+    assert first_host("gpu[01-04]") == "gpu01"
+    assert first_host("rack[2-3]-n[05,07]") == "rack2-n05"
+    assert first_host("a[3,5-6],b[1-2]") == "a3"
+
+
+def test_shard_splits_the_global_batch_and_refuses_uneven_splits():
+    batch = _triplets()
+    halves = [shard(batch, DistEnv(rank, 2)) for rank in (0, 1)]
+    assert halves[0].prompt + halves[1].prompt == batch.prompt
+    with pytest.raises(ValueError, match="8 triplets does not split evenly over 3 ranks"):
+        shard(batch, DistEnv(0, 3))
+    with pytest.raises(ValueError, match="parallel mode 'zero3' is not valid"):
+        wrap_model(torch.nn.Linear(1, 1), "zero3")
+
+
+def _triplets(step: int = 0) -> TokenTriplets:
+    rng = random.Random(step)
+
+    def piece():
+        return [rng.randrange(4, SHAPE.vocab_size) for _ in range(rng.randrange(1, 10))]
+
+    return TokenTriplets(*[[piece() for _ in range(GLOBAL_BATCH)] for _ in range(4)])
+
+
+def _train(model, packing: bool, rank_batch=lambda batch: batch) -> list[float]:
+    """STEPS AdamW steps on the global batches (or this rank's share of them), with tight
+    clipping so that the global gradient norm matters; returns the per-step losses."""
+    cfg = TrainConfig(lr=1e-2, batch_size=GLOBAL_BATCH, grad_clip=0.05, packing=packing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, eps=1e-6)
+    return [train_step(model, optimizer, rank_batch(_triplets(step)), SPECIAL, cfg, "cpu") for step in range(STEPS)]
+
+
+def _fresh_model():
+    torch.manual_seed(0)
+    return build_model(SHAPE)
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from polar.distributed import full_state_dict, init_distributed, mean_across, shutdown
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = init_distributed()
+    result = {}
+    for mode, packing in RUNS.items():
+        model = wrap_model(_fresh_model(), mode, env)
+        losses = [mean_across(loss) for loss in _train(model, packing, lambda b: shard(b, env))]
+        result[mode] = {"losses": torch.tensor(losses, dtype=torch.float64), "state": full_state_dict(model)}
+    torch.save(result, f"{out}/rank{rank}.pt")
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both parallel modes trained by two gloo processes; their saved results per rank."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("dist")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", list(RUNS))
+def test_two_processes_train_like_one(two_ranks, mode):
+    single = _fresh_model()
+    losses = _train(single, RUNS[mode])
+    rank0, rank1 = two_ranks[0][mode], two_ranks[1][mode]
+    assert rank0["state"].keys() == single.state_dict().keys()
+    for name, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][name]), f"ranks disagree on {name}"
+    torch.testing.assert_close(rank0["losses"], torch.tensor(losses, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(rank0["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    moved = (single.state_dict()["model.layers.1.mlp.up_proj.weight"]
+             - _fresh_model().state_dict()["model.layers.1.mlp.up_proj.weight"]).abs().max()
+    assert moved > 1e-3                                       # training happened
