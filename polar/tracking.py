@@ -1,26 +1,55 @@
 """Metric sinks: where a training run's parameters, metrics and tags go.
 
-One protocol, three sinks: MLflowSink (the default; batched log_batch calls), JsonlSink
-(a file beside the checkpoints, always written, so that nothing is lost when the tracking
-server is away), NullSink (tracking=off). TeeSink fans out to several. MLflow is imported
-only inside MLflowSink and the helpers below.
+One protocol, three sinks: MLflowSink (the default), JsonlSink (a file beside the
+checkpoints, always written, so that nothing is lost when the tracking server is away),
+NullSink (tracking=off). TeeSink fans out to several; SkipLogged drops the points a
+resumed run already logged.
+
+MLflowSink never blocks training on the server: calls only queue work, and a background
+thread delivers it in batches (log_batch, <= 1000 metrics a call), retrying with
+exponential backoff while the server is unreachable or answers with errors, and replaying
+the queue, in order, when it is back. `finish` waits a bounded time for the queue to
+drain and returns the number of metric points it could not deliver (and says so loudly).
+
+Also here: the MLflow helpers the orchestrator needs (experiment, run lookup/creation,
+finding runs whose process died), reading a metrics.jsonl back (`read_jsonl`,
+`jsonl_record`) and replaying it into an MLflow run (`replay_missing`). MLflow is
+imported only inside functions (its import takes seconds).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import random
+import socket
+import sys
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 MAX_BATCH = 1000   # MLflow's limit of metrics per log_batch call
+MAX_PARAMS = 100   # ... of params per call
+MAX_TAGS = 100     # ... of tags per call
+DRAIN_TIMEOUT_S = float(os.environ.get("POLAR_TRACKING_DRAIN_S", "120"))
+# MLflow error codes that retrying cannot fix: the task is dropped (and reported)
+PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
+                              "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED"})
+# tags naming the process that holds a run RUNNING (see mark_dead_runs)
+HOST_TAG, PID_TAG, PID_START_TAG, ERROR_TAG = "polar.host", "polar.pid", "polar.pid_start", "polar.error"
+
+log = logging.getLogger("polar.tracking")
 
 
 class MetricSink(Protocol):
     def log_params(self, params: dict) -> None: ...
     def log_many(self, points: Iterable[tuple[dict[str, float], int]]) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
+    def finish(self, status: str = "FINISHED") -> Any: ...
 
 
 class NullSink:
@@ -31,15 +60,21 @@ class NullSink:
 
 
 class JsonlSink:
-    """Appends one JSON object per metric point (and params/tags records) to a file."""
+    """Appends one JSON object per metric point (and params/tags/status records) to a file.
+
+    A line torn by a kill (no final newline) is cut off when the file is reopened, so
+    the next record starts on a line of its own.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(self.path)
 
     def _write(self, records: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
 
     def log_params(self, params):
         self._write([{"params": {k: str(v) for k, v in params.items()}}])
@@ -55,39 +90,20 @@ class JsonlSink:
         self._write([{"status": status, "time": time.time()}])
 
 
-class MLflowSink:
-    """Logs into an existing MLflow run, batching metrics with log_batch."""
-
-    def __init__(self, run_id: str, tracking_uri: str | None = None):
-        from mlflow import MlflowClient
-
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
-
-    def log_params(self, params):
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
-
-    def log_many(self, points):
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, step) for values, step in points for k, v in values.items()]
-        for start in range(0, len(metrics), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + MAX_BATCH])
-
-    def set_tags(self, tags):
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-    def finish(self, status="FINISHED"):
-        self.client.set_terminated(self.run_id, status=status)
+def _cut_torn_tail(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
 
 
 class TeeSink:
+    """Fans every call out to several sinks; finish returns the last non-None result."""
+
     def __init__(self, *sinks: MetricSink):
         self.sinks = sinks
 
@@ -105,8 +121,262 @@ class TeeSink:
             s.set_tags(tags)
 
     def finish(self, status="FINISHED"):
-        for s in self.sinks:
-            s.finish(status)
+        results = [s.finish(status) for s in self.sinks]
+        return next((r for r in reversed(results) if r is not None), None)
+
+
+class SkipLogged:
+    """Drops metric points at or below the last step already logged for their key, so a
+    job resumed from an older checkpoint than its last flush never logs a step twice."""
+
+    def __init__(self, sink: MetricSink, last_steps: dict[str, int]):
+        self.sink, self.last_steps = sink, dict(last_steps)
+
+    def log_params(self, params):
+        self.sink.log_params(params)
+
+    def log_many(self, points):
+        kept = []
+        for metrics, step in points:
+            fresh = {k: v for k, v in metrics.items() if step > self.last_steps.get(k, -1)}
+            if fresh:
+                kept.append((fresh, step))
+        if kept:
+            self.sink.log_many(kept)
+
+    def set_tags(self, tags):
+        self.sink.set_tags(tags)
+
+    def finish(self, status="FINISHED"):
+        return self.sink.finish(status)
+
+
+# ------------------------------------------------------------------ MLflow sink
+
+@dataclass
+class _Task:
+    kind: str                 # resolve | call | metrics | params | tags | text | artifacts | status | ...
+    payload: Any
+    points: int = 0           # metric points carried (what "undelivered" counts)
+    tries: int = 0
+
+
+class MLflowSink:
+    """Logs into an MLflow run from a background thread; see the module docstring.
+
+    `run_id` may be None when the server could not be reached to find or create the
+    run: `resolve` (called with an MlflowClient in the delivery thread, retried like any
+    delivery) must then return the run id before anything else is delivered.
+    """
+
+    def __init__(self, run_id: str | None, tracking_uri: str | None = None, *,
+                 resolve: Callable[[Any], str] | None = None, drain_timeout: float = DRAIN_TIMEOUT_S,
+                 backoff: tuple[float, float] = (0.5, 30.0), client=None):
+        if run_id is None and resolve is None:
+            raise ValueError("MLflowSink needs a run_id or a resolve function that returns one")
+        if client is None:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(tracking_uri)
+        self.client, self.run_id, self.uri = client, run_id, tracking_uri
+        self.drain_timeout, self.backoff = drain_timeout, backoff
+        self._queue: deque[_Task] = deque()
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._inflight: _Task | None = None
+        self._closing = self._abandoned = False
+        self._thread: threading.Thread | None = None
+        self.failures = 0            # failed delivery attempts (each retried)
+        self.dropped_points = 0      # metric points refused for good by the server
+        self.last_error: str | None = None
+        self.undelivered: int | None = None   # set by finish
+        if resolve is not None and run_id is None:
+            self._put(_Task("resolve", resolve))
+
+    # ---- the MetricSink interface: queue only, never wait on the server
+    def log_params(self, params):
+        items = [(k, str(v)) for k, v in params.items()]
+        for start in range(0, len(items), MAX_PARAMS):
+            self._put(_Task("params", items[start:start + MAX_PARAMS]))
+
+    def log_many(self, points):
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ts, int(step)) for values, step in points for k, v in values.items()]
+        for start in range(0, len(metrics), MAX_BATCH):
+            chunk = metrics[start:start + MAX_BATCH]
+            self._put(_Task("metrics", chunk, points=len(chunk)))
+
+    def set_tags(self, tags):
+        items = [(k, str(v)) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_TAGS):
+            self._put(_Task("tags", items[start:start + MAX_TAGS]))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._put(_Task("text", (text, artifact_file)))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self._put(_Task("artifacts", (str(local_dir), artifact_path)))
+
+    def set_status(self, status: str) -> None:
+        """RUNNING again on resume (finish sets the terminal status)."""
+        self._put(_Task("status", status))
+
+    def delete_tag(self, key: str) -> None:
+        self._put(_Task("delete_tag", key))
+
+    def call(self, fn: Callable[[Any, str], None]) -> None:
+        """Queue fn(client, run_id), delivered (and retried) in order with the rest."""
+        self._put(_Task("call", fn))
+
+    def finish(self, status="FINISHED", timeout: float | None = None) -> int:
+        """End the run with `status` once everything queued before is delivered; wait at
+        most `timeout` s (default drain_timeout). Returns the undelivered metric points."""
+        self._put(_Task("terminate", status))
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._wake.set()
+        self.flush(self.drain_timeout if timeout is None else timeout)
+        with self._cond:
+            self._abandoned = True
+            left = self._pending_locked()
+            self._cond.notify_all()
+        self._wake.set()
+        self.undelivered = left + self.dropped_points
+        if self.undelivered:
+            shout(f"{self.undelivered} metric points of MLflow run {self.run_id} were NOT delivered to "
+                  f"{self.uri or 'the default tracking URI'} (last error: {self.last_error}); they are in "
+                  "the run's metrics.jsonl: re-run the same job (it resumes and replays them) or replay them "
+                  "with `python -m sweeps.tracker replay RUN_DIR`")
+        return self.undelivered
+
+    # ---- state
+    def flush(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until everything queued is delivered; True if it was."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._inflight is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 1.0))
+        return True
+
+    @property
+    def pending_points(self) -> int:
+        with self._cond:
+            return self._pending_locked()
+
+    def _pending_locked(self) -> int:
+        return sum(t.points for t in self._queue) + (self._inflight.points if self._inflight else 0)
+
+    # ---- delivery thread
+    def _put(self, task: _Task) -> None:
+        with self._cond:
+            if self._abandoned:
+                raise RuntimeError(f"MLflowSink for run {self.run_id} is finished; nothing more can be logged")
+            self._queue.append(task)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="polar-mlflow-sink", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _next_locked(self) -> _Task:
+        """The head task; consecutive metric tasks are merged up to MAX_BATCH (a replay
+        after an outage goes in full batches)."""
+        task = self._queue.popleft()
+        if task.kind == "metrics":
+            merged = list(task.payload)
+            while self._queue and self._queue[0].kind == "metrics" \
+                    and len(merged) + len(self._queue[0].payload) <= MAX_BATCH:
+                merged.extend(self._queue.popleft().payload)
+            task = _Task("metrics", merged, points=len(merged), tries=task.tries)
+        return task
+
+    def _run(self) -> None:
+        delay = self.backoff[0]
+        while True:
+            with self._cond:
+                while not self._queue and not self._abandoned:
+                    self._cond.wait()
+                if self._abandoned:
+                    return
+                task = self._inflight = self._next_locked()
+            try:
+                self._deliver(task)
+            except Exception as err:   # noqa: BLE001 - every failure is either retried or reported
+                if self._permanent(err):
+                    self._drop(task, err)
+                    continue
+                self.failures += 1
+                task.tries += 1
+                self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+                if task.tries == 1 or task.tries % 10 == 0:
+                    log.warning("MLflow delivery failed (%s); retrying in %.1f s, %d metric points queued",
+                                self.last_error, delay, self.pending_points)
+                with self._cond:
+                    self._queue.appendleft(task)
+                    self._inflight = None
+                    self._cond.notify_all()
+                cap = 5.0 if self._closing else self.backoff[1]
+                self._wake.wait(min(delay, cap) * random.uniform(0.8, 1.2))
+                self._wake.clear()
+                delay = min(delay * 2, self.backoff[1])
+                continue
+            delay = self.backoff[0]
+            with self._cond:
+                self._inflight = None
+                self._cond.notify_all()
+
+    def _deliver(self, task: _Task) -> None:
+        from mlflow.entities import Param, RunTag
+
+        c, rid = self.client, self.run_id
+        if task.kind == "resolve":
+            self.run_id = task.payload(c)
+        elif task.kind == "call":
+            task.payload(c, rid)
+        elif task.kind == "metrics":
+            c.log_batch(rid, metrics=task.payload)
+        elif task.kind == "params":
+            c.log_batch(rid, params=[Param(k, v) for k, v in task.payload])
+        elif task.kind == "tags":
+            c.log_batch(rid, tags=[RunTag(k, v) for k, v in task.payload])
+        elif task.kind == "text":
+            c.log_text(rid, *task.payload)
+        elif task.kind == "artifacts":
+            c.log_artifacts(rid, *task.payload)
+        elif task.kind == "status":
+            c.update_run(rid, status=task.payload)
+        elif task.kind == "delete_tag":
+            if task.payload in c.get_run(rid).data.tags:
+                c.delete_tag(rid, task.payload)
+        elif task.kind == "terminate":
+            c.set_terminated(rid, status=task.payload)
+        else:
+            raise ValueError(f"unknown task kind {task.kind!r}")
+
+    @staticmethod
+    def _permanent(err: BaseException) -> bool:
+        return getattr(err, "error_code", None) in PERMANENT_ERRORS
+
+    def _drop(self, task: _Task, err: BaseException) -> None:
+        self.dropped_points += task.points
+        self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+        log.error("MLflow refused a %s delivery for run %s for good (%s); dropped%s", task.kind, self.run_id,
+                  self.last_error, f" {task.points} metric points" if task.points else "")
+        with self._cond:
+            self._inflight = None
+            self._cond.notify_all()
+
+
+def shout(message: str) -> None:
+    """A warning nobody can miss: the log and a framed line on stderr."""
+    log.error(message)
+    bar = "!" * 78
+    print(f"\n{bar}\n!! {message}\n{bar}\n", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------ runs and experiments
@@ -120,6 +390,9 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
+                             f"--experiment-id {found.experiment_id}`) or choose another experiment_name")
         return found.experiment_id
     try:
         return client.create_experiment(name)
@@ -143,3 +416,144 @@ def create_run(experiment_id: str, run_name: str, tags: dict, tracking_uri: str 
     run = MlflowClient(tracking_uri).create_run(experiment_id, run_name=run_name,
                                                 tags={k: str(v) for k, v in tags.items()})
     return run.info.run_id
+
+
+# ------------------------------------------------- processes that hold a run open
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """host, pid and the pid's start time (so a recycled pid is not taken for the job)."""
+    pid = os.getpid() if pid is None else pid
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _pid_start(pid) or ""}
+
+
+def _pid_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]      # field 22: start time in clock ticks
+
+
+def process_alive(tags: dict) -> bool | None:
+    """Whether the process named by a run's tags still runs: None when it is on another
+    host (or the tags are missing), so nobody can tell from here."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return None
+    pid = int(tags[PID_TAG])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    start, recorded = _pid_start(pid), tags.get(PID_START_TAG)
+    return not (start and recorded and start != recorded)
+
+
+def mark_dead_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
+    """End as FAILED every RUNNING run of the experiment whose process (on this host) is
+    gone, e.g. killed with SIGKILL or by the OOM killer; returns their names."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    client, marked = MlflowClient(tracking_uri), []
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                              f"tags.`{HOST_TAG}` = '{socket.gethostname()}'", max_results=1000)
+    for run in runs:
+        if process_alive(run.data.tags) is False:
+            message = (f"the process {run.data.tags[PID_TAG]} on {run.data.tags[HOST_TAG]} that ran this job "
+                       "ended without closing its run (killed: SIGKILL, out of memory, node failure?)")
+            client.log_batch(run.info.run_id, tags=[RunTag(ERROR_TAG, message)])
+            client.set_terminated(run.info.run_id, "FAILED")
+            marked.append(run.info.run_name)
+    return marked
+
+
+# ------------------------------------------------------------------ reading JSONL
+
+@dataclass
+class JsonlRun:
+    """A metrics.jsonl read back: params and tags (merged, last wins), the last status
+    record (None while running or killed), and metrics as {key: {step: value}} (the
+    first value logged for a step wins)."""
+
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    status: str | None = None
+    metrics: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def last_steps(self) -> dict[str, int]:
+        return {k: max(v) for k, v in self.metrics.items() if v}
+
+    def points(self) -> int:
+        return sum(len(v) for v in self.metrics.values())
+
+
+def read_jsonl(path: str | Path) -> JsonlRun:
+    """Read a metrics.jsonl written by JsonlSink; a torn last line is ignored."""
+    out, path = JsonlRun(), Path(path)
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "params" in rec:             # written at each (re)start of the job
+                out.params.update(rec["params"])
+                out.status = None
+            elif "tags" in rec:
+                out.tags.update(rec["tags"])
+            elif "status" in rec:
+                out.status = rec["status"]
+            elif "step" in rec:
+                step = int(rec["step"])
+                for k, v in rec.items():
+                    if k not in ("step", "time"):
+                        out.metrics.setdefault(k, {}).setdefault(step, float(v))
+    return out
+
+
+def jsonl_record(path: str | Path, run_id: str | None = None) -> tuple[dict | None, list[dict]]:
+    """One run's metrics.jsonl in analysis's shapes (DESIGN.md "Contracts"): the record
+    {run_id, model, n_params, n_params_nonembed, tokens, compute, loss, run_name, status}
+    (None when the run logged no validation loss) and its curve rows
+    {run_id, step, tokens_seen, flops_seen, val_loss}. run_id defaults to the params'
+    run_key. Only a record whose status is FINISHED is a finished run."""
+    run = read_jsonl(path)
+    rid = run_id or run.params.get("run_key") or Path(path).parent.name
+    val, tok, flo = (run.metrics.get(k, {}) for k in ("val/loss", "tokens_seen", "flops_seen"))
+    curve = [{"run_id": rid, "step": s, "tokens_seen": tok.get(s, float("nan")),
+              "flops_seen": flo.get(s, float("nan")), "val_loss": v} for s, v in sorted(val.items())]
+    final = run.metrics.get("val/loss_final", {})
+    loss = final[max(final)] if final else (curve[-1]["val_loss"] if curve else None)
+    if loss is None:
+        return None, curve
+
+    def num(key):
+        try:
+            return float(run.params[key])
+        except (KeyError, ValueError):
+            return float("nan")
+
+    record = {"run_id": rid, "model": run.params.get("model"), "n_params": num("n_params"),
+              "n_params_nonembed": num("n_params_nonembed"), "tokens": num("tokens"),
+              "compute": num("compute"), "loss": float(loss), "run_name": run.tags.get("mlflow.runName"),
+              "status": run.status}
+    return record, curve
+
+
+def replay_missing(source: "str | Path | JsonlRun", sink: MLflowSink, client=None) -> int:
+    """Queue into `sink` the metric points of a metrics.jsonl (or a JsonlRun read earlier)
+    that its MLflow run lacks, compared by key and step; returns how many. Reads the run's
+    history, so it needs the server (queue it with sink.call when it may be away)."""
+    run = source if isinstance(source, JsonlRun) else read_jsonl(source)
+    client = client or sink.client
+    missing = []
+    for key, steps in run.metrics.items():
+        have = {m.step for m in client.get_metric_history(sink.run_id, key)}
+        missing += [({key: v}, s) for s, v in sorted(steps.items()) if s not in have]
+    if missing:
+        sink.log_many(missing)
+    return len(missing)
