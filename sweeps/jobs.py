@@ -34,7 +34,7 @@ def run_key(job: JobConfig) -> str:
 
 
 def run_name(job: JobConfig, plan: Plan) -> str:
-    budget = f"C{plan.compute:.0e}" if job.budget.flops is not None else f"T{plan.tokens:.0e}"
+    budget = f"C{plan.compute:.2g}" if job.budget.flops is not None else f"T{plan.tokens:.2g}"
     return f"polar-{job.model.name}-{budget.replace('+', '')}-s{job.seed}"
 
 

@@ -1,0 +1,7 @@
+"""POLAR's Hydra launchers: dryrun (print the job table), local (validate, then run here)
+and slurm (one submitit job array per resource shape).
+
+Hydra discovers them by scanning the `hydra_plugins` namespace package, which imports
+every module here: keep module-level imports light (no torch, submitit or mlflow).
+The YAML that selects them lives in conf/hydra/launcher/{dryrun,local,slurm}.yaml.
+"""

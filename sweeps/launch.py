@@ -1,0 +1,264 @@
+"""What every launcher does before it starts anything: plan the whole sweep.
+
+Owns the sweep-level checks shared by the launchers in hydra_plugins/polar_launchers:
+every job of a sweep is composed, converted to a JobConfig and planned before the first
+one is started or submitted (`plan_sweep`); the job table that the dry run prints
+(`job_table`); and the SLURM resource shape of each job and the grouping of a sweep
+into one job array per shape (`shape_of`, `group_by_shape`). Plain Python: no Hydra
+launcher, no submitit, no MLflow at import time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+from hydra.errors import CompactHydraException
+
+from sweeps.derive import ADAMW_BYTES_PER_PARAM, Plan, ResourcesConfig, local_refusal
+from sweeps.schema import JobConfig
+
+
+class SweepError(CompactHydraException, ValueError):
+    """A sweep that must not start: invalid jobs, no jobs, SLURM unreachable, ...
+    (Hydra prints a CompactHydraException as its message alone, without a traceback.)"""
+
+
+class SweepFailed(CompactHydraException, RuntimeError):
+    """A sweep whose jobs ran and at least one of them failed or was cancelled."""
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One point of the sweep, checked: its index, overrides, typed config and plan."""
+
+    idx: int
+    overrides: tuple[str, ...]
+    job: JobConfig
+    plan: Plan
+
+    @property
+    def label(self) -> str:
+        return f"#{self.idx} ({' '.join(self.overrides) or 'no overrides'})"
+
+
+# ------------------------------------------------------------------ validation
+
+def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], JobConfig],
+               initial_idx: int = 0, refuse_local: bool = False) -> list[PlannedJob]:
+    """Compose and plan every job; raise one SweepError that lists every bad job.
+
+    compose(overrides) -> JobConfig (the launcher's Hydra composition plus
+    sweeps.schema.to_job_config). refuse_local: also apply derive.local_refusal, as the
+    local launcher does on a machine without a GPU.
+    """
+    if not job_overrides:
+        raise SweepError("the sweep expands to no jobs, so nothing was started: check the sweep's values "
+                         "(an empty list such as `seed=range(0)` or an empty hydra.sweeper.params entry); "
+                         "a sweep needs at least one value per swept key, e.g. `-m model=1m,3m`")
+    planned, errors = [], []
+    for i, overrides in enumerate(job_overrides):
+        idx, ovs = initial_idx + i, tuple(str(o) for o in overrides)
+        try:
+            job = compose(list(ovs))
+            plan = _plan(job)
+            if refuse_local and (reason := local_refusal(plan, job.resources)):
+                raise SweepError(reason)
+            planned.append(PlannedJob(idx, ovs, job, plan))
+        except Exception as err:   # collect every bad job, then report them together
+            errors.append(f"#{idx} ({' '.join(ovs) or 'no overrides'}): {_message(err)}")
+    if errors:
+        raise SweepError(f"{len(errors)} of {len(job_overrides)} jobs of the sweep are invalid; nothing was "
+                         "started:\n  " + "\n  ".join(errors))
+    return planned
+
+
+def _plan(job: JobConfig) -> Plan:
+    from sweeps.jobs import plan_of
+
+    return plan_of(job)
+
+
+def _message(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    # OmegaConf/Hydra errors carry a multi-line "full_key: ... object_type=..." trailer
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def compose_with_hydra(hydra_context, config) -> Callable[[list[str]], JobConfig]:
+    """compose(overrides) for plan_sweep, as Hydra's launchers compose a sweep's job:
+    load_sweep_config, then drop the hydra node and convert to dataclasses."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    from sweeps.schema import to_job_config
+
+    def compose(overrides: list[str]) -> JobConfig:
+        cfg = hydra_context.config_loader.load_sweep_config(config, overrides)
+        HydraConfig.instance().set_config(cfg)   # for ${hydra:...} interpolations in job values
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
+        return to_job_config(cfg)
+
+    return compose
+
+
+def no_gpu_here() -> bool:
+    """True on a machine without a usable CUDA GPU (where the local launcher refuses big jobs)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------ SLURM shapes
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """What one SLURM job of a sweep asks for. gpus_per_node=0: no GPU request at all
+    (a CPU cluster without GRES); tasks_per_node = GPUs per node (one task per GPU)."""
+
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    mem_gb: Optional[int]     # per node; None: the partition's default; 0: all of the node
+    timeout_min: int
+
+    def describe(self) -> str:
+        gpus = f"{self.gpus_per_node} GPU/node" if self.gpus_per_node else "no GPU"
+        mem = "default mem" if self.mem_gb is None else ("all mem" if self.mem_gb == 0 else f"{self.mem_gb} GB/node")
+        return (f"{self.nodes} node{'s' * (self.nodes > 1)} x {gpus}, {self.tasks_per_node} task"
+                f"{'s' * (self.tasks_per_node > 1)}/node, {mem}, {fmt_minutes(self.timeout_min)}")
+
+
+def cpu_memory_gb(plan: Plan) -> int:
+    """Host memory of a CPU-only run: AdamW state x 1.5 + 0.5 GB (derive.local_refusal's estimate)."""
+    return max(1, math.ceil(plan.n_params * ADAMW_BYTES_PER_PARAM / 1e9 * 1.5 + 0.5))
+
+
+def cpu_minutes(plan: Plan, res: ResourcesConfig) -> int:
+    """Time limit of a CPU-only run, with derive's margin (x time_margin + 10 min)."""
+    return int(math.ceil(plan.compute / res.cpu_flops / 60 * res.time_margin)) + 10
+
+
+def shape_of(plan: Plan, res: ResourcesConfig, gpus_per_node: Optional[int] = None,
+             nodes: Optional[int] = None, tasks_per_node: Optional[int] = None,
+             mem_gb: Optional[int] = None, timeout_min: Optional[int] = None,
+             max_timeout_min: Optional[int] = None) -> Shape:
+    """The SLURM request for one planned job. Each argument left None comes from the plan;
+    a value overrides it for every job. gpus_per_node=0 asks for no GPUs (CPU cluster):
+    one task, CPU memory and CPU time. max_timeout_min caps the time limit (a job that
+    reaches it is requeued and resumes, see max_num_timeout)."""
+    if gpus_per_node == 0:
+        n_nodes = nodes or 1
+        tasks = tasks_per_node or 1
+        mem = cpu_memory_gb(plan) if mem_gb is None else mem_gb
+        minutes = cpu_minutes(plan, res) if timeout_min is None else timeout_min
+    else:
+        n_nodes = nodes or plan.nodes
+        gpn = gpus_per_node or math.ceil(plan.gpus / plan.nodes)
+        tasks = tasks_per_node or gpn
+        # host RAM per node >= the training state its GPUs hold (checkpoints pass through it)
+        mem = math.ceil(plan.memory_gb * gpn) if mem_gb is None else mem_gb
+        minutes = plan.time_limit_min if timeout_min is None else timeout_min
+        gpus_per_node = gpn
+    if max_timeout_min:
+        minutes = min(minutes, max_timeout_min)
+    return Shape(n_nodes, gpus_per_node, tasks, mem if mem is None or mem >= 0 else None, max(1, minutes))
+
+
+def group_by_shape(jobs: Iterable[PlannedJob], shape: Callable[[PlannedJob], Shape]) -> dict[Shape, list[PlannedJob]]:
+    """Jobs grouped by resource shape, in order of first appearance: one job array each."""
+    groups: dict[Shape, list[PlannedJob]] = {}
+    for job in jobs:
+        groups.setdefault(shape(job), []).append(job)
+    return groups
+
+
+# ------------------------------------------------------------------ the job table
+
+def fmt_count(x: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= size:
+            return f"{x / size:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def fmt_minutes(minutes: float) -> str:
+    minutes = int(math.ceil(minutes))
+    days, rest = divmod(minutes, 24 * 60)
+    hours, mins = divmod(rest, 60)
+    return (f"{days}d" if days else "") + f"{hours:d}h{mins:02d}m"
+
+
+def fmt_hours(hours: float) -> str:
+    return f"{hours:.3g}" if hours >= 0.01 else f"{hours:.1e}"
+
+
+TABLE_COLUMNS = ("#", "model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "nodes",
+                 "time limit", "GPU-hours", "swept overrides")
+
+
+def varying_overrides(jobs: Sequence[PlannedJob]) -> list[str]:
+    """Per job, only its overrides whose key takes more than one value in the sweep (the
+    grid's coordinates); the ones shared by every job are left out."""
+    values: dict[str, set[str]] = {}
+    for j in jobs:
+        for o in j.overrides:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    return [" ".join(o for o in j.overrides if len(values[o.partition("=")[0]]) > 1) for j in jobs]
+
+
+def table_rows(jobs: Sequence[PlannedJob]) -> list[list[str]]:
+    rows = []
+    for j, varying in zip(jobs, varying_overrides(jobs)):
+        p = j.plan
+        rows.append([str(j.idx), p.model, fmt_count(p.n_params), fmt_count(p.tokens), f"{p.compute:.3g}",
+                     str(p.steps), f"{p.lr:.3g}", str(p.batch_size), str(p.gpus), str(p.nodes),
+                     fmt_minutes(p.time_limit_min), fmt_hours(p.gpu_hours), varying])
+    return rows
+
+
+def job_table(jobs: Sequence[PlannedJob]) -> str:
+    """The sweep as a readable table, one row per job, plus a totals line."""
+    rows = table_rows(jobs)
+    total = ["total", f"{len(jobs)} jobs", "",
+             fmt_count(sum(j.plan.tokens for j in jobs)), f"{sum(j.plan.compute for j in jobs):.3g}",
+             str(sum(j.plan.steps for j in jobs)), "", "", str(sum(j.plan.gpus for j in jobs)),
+             str(sum(j.plan.nodes for j in jobs)), "", fmt_hours(sum(j.plan.gpu_hours for j in jobs)), ""]
+    table = [list(TABLE_COLUMNS), *rows, total]
+    widths = [max(len(r[c]) for r in table) for c in range(len(TABLE_COLUMNS))]
+    right = {"N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "nodes", "time limit", "GPU-hours"}
+
+    def line(r: list[str]) -> str:
+        cells = [v.rjust(w) if TABLE_COLUMNS[c] in right else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(table[0]), rule, *map(line, rows), rule, line(total)])
+
+
+def print_flush(text: str, file=None) -> None:
+    print(text, file=file or sys.stdout, flush=True)
+
+
+def terminate_parent_run(reason: str, tracking_uri: Optional[str] = None) -> None:
+    """Mark the sweep's MLflow parent run (created by sweeps.callbacks.MlflowSweep before the
+    launcher runs) FAILED when the sweep stops before or during launch; Hydra does not call
+    on_multirun_end after an error, so it would otherwise stay RUNNING."""
+    from sweeps.tracker import ENV_PARENT_RUN_ID
+
+    run_id = os.environ.get(ENV_PARENT_RUN_ID)
+    if not run_id:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        client.set_tag(run_id, "polar.error", reason[:4000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception as err:   # never hide the sweep's own error behind a logging one
+        print(f"could not mark the sweep's MLflow run {run_id} as failed: {err}", file=sys.stderr)

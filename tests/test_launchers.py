@@ -1,0 +1,226 @@
+"""The launchers without a cluster: the dry-run table, checks before anything starts
+(every bad job listed, empty sweep, SLURM unreachable, local refusal), and the grouping
+of a sweep into one SLURM job array per resource shape (pure functions)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sweeps.derive import Plan, ResourcesConfig
+from sweeps.launch import (PlannedJob, Shape, SweepError, cpu_minutes, group_by_shape, job_table, plan_sweep,
+                           shape_of, varying_overrides)
+from sweeps.schema import JobConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sweeps.run", "-m", *args, "train.threads=1",
+                           f"paths.cache_dir={tmp_path}/cache", f"paths.runs_dir={tmp_path}/runs",
+                           f"hydra.sweep.dir={tmp_path}/multirun"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def plan_for(*overrides: str) -> Plan:
+    """The plan of one job as the sweep composes it (in this process, with Hydra's compose API)."""
+    from hydra import compose, initialize_config_dir
+
+    from sweeps.jobs import plan_of
+    from sweeps.schema import register, to_job_config
+
+    register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return plan_of(to_job_config(compose("config", list(overrides))))
+
+
+# ------------------------------------------------------------------ dryrun
+
+def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
+    out = sweep(tmp_path, "model=1.8b,7b", "budget.tokens=1e9", "hydra/launcher=dryrun")
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("#"))
+    for column in ("model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "nodes", "time limit",
+                   "GPU-hours"):
+        assert column in header
+    rows = {line.split()[1]: line.split() for line in lines if line[:1].isdigit()}
+    assert set(rows) == {"1.8b", "7b"}
+    plans = {m: plan_for(f"model={m}", "budget.tokens=1e9") for m in ("1.8b", "7b")}
+    for model, plan in plans.items():
+        cells = rows[model]
+        assert cells[3] == "1B" and cells[5] == str(plan.steps)
+        assert cells[8] == str(plan.gpus) and cells[9] == str(plan.nodes)
+        assert f"model={model}" in cells[-1]
+    assert plans["7b"].gpus > plans["1.8b"].gpus == 1
+    total = next(line for line in lines if line.startswith("total")).split()
+    assert total[1:3] == ["2", "jobs"]
+    assert float(total[-1]) == pytest.approx(sum(p.gpu_hours for p in plans.values()), rel=0.01)
+    assert "would submit 2 job arrays" in out.stdout
+    assert "nothing started" in out.stdout
+    # no MLflow, no training, no run folders
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_every_bad_job_is_listed_and_nothing_starts(tmp_path):
+    # 8 jobs: only #2 (heads=1, tokens=1e6, flops=null) is valid
+    out = sweep(tmp_path, "model=100k", "model.num_heads=1,0", "model.num_kv_heads=1", "budget.tokens=10,1e6",
+                "budget.flops=null,1e12",
+                "hydra/launcher=dryrun")
+    assert out.returncode != 0
+    assert "7 of 8 jobs of the sweep are invalid; nothing was started" in out.stderr
+    first = next(line for line in out.stderr.splitlines() if line.strip().startswith("#0 "))
+    assert "#0 (model=100k model.num_heads=1 model.num_kv_heads=1 budget.tokens=10 budget.flops=null" in first
+    assert "budget too small for one optimizer step of model '100k'" in first
+    assert out.stderr.count("give exactly one of budget.tokens or budget.flops") == 2    # #1, #3
+    # the model is validated before the budget: #4-#7 report the bad head count
+    assert out.stderr.count("model.num_heads must be > 0, got 0") == 4
+    assert "#2 (" not in out.stderr
+    assert "Traceback" not in out.stderr and "Dry run" not in out.stdout
+
+
+def test_a_sweep_of_no_jobs_is_an_error(tmp_path):
+    out = sweep(tmp_path, "seed=range(0)", "budget.tokens=1e6", "hydra/launcher=dryrun")
+    assert out.returncode != 0
+    assert "the sweep expands to no jobs" in out.stderr
+
+
+def test_plan_sweep_collects_every_error_and_needs_a_job():
+    def compose(overrides: list[str]) -> JobConfig:
+        if "bad" in overrides:
+            raise ValueError("model.hidden_size must be > 0, got -1")
+        return JobConfig()
+
+    with pytest.raises(SweepError, match="no jobs"):
+        plan_sweep([], compose)
+    with pytest.raises(SweepError) as err:
+        plan_sweep([["ok", "budget.tokens=1e6"], ["bad"], ["bad", "x=1"]], compose, initial_idx=10)
+    message = str(err.value)
+    assert "3 of 3 jobs" in message   # JobConfig() has no budget: planning fails too
+    assert "#11 (bad): model.hidden_size must be > 0" in message and "#12 (bad x=1)" in message
+    assert "exactly one budget" in message
+
+
+# ------------------------------------------------------------------ local launcher validation
+
+def test_local_launcher_refuses_the_whole_sweep_before_training(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs big presets locally")
+    out = sweep(tmp_path, "model=100k,7b", "budget.tokens=1e6", "hydra/launcher=local",
+                "hydra.launcher._target_=hydra_plugins.polar_launchers.local.LocalLauncher")
+    assert out.returncode != 0
+    assert "1 of 2 jobs of the sweep are invalid; nothing was started" in out.stderr
+    assert "#1 (model=7b" in out.stderr and "hydra/launcher=slurm" in out.stderr
+    assert not (tmp_path / "runs").exists()   # the valid 100k job did not start either
+
+
+# ------------------------------------------------------------------ slurm launcher, no cluster
+
+def test_slurm_unreachable_is_a_quick_clear_error(tmp_path):
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=nowhere\nSlurmctldHost=nohost(127.0.0.1)\nSlurmctldPort=9\n")
+    start = time.monotonic()
+    out = sweep(tmp_path, "model=100k,200k", "budget.tokens=1e5", "hydra/launcher=slurm",
+                "hydra.launcher.gpus_per_node=0", env={"SLURM_CONF": str(conf)}, timeout=120)
+    assert out.returncode != 0
+    assert "SLURM is not reachable, so nothing was submitted" in out.stderr
+    assert "127.0.0.1:9" in out.stderr or "not on PATH" in out.stderr
+    assert time.monotonic() - start < 90
+    assert not list((tmp_path / "multirun").glob(".submitit/*"))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    parents = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(parents) == 1 and "SLURM is not reachable" in parents[0].data.tags["polar.error"]
+
+
+def test_slurm_launcher_config_defaults():
+    from hydra import compose, initialize_config_dir
+
+    from sweeps.schema import register
+
+    register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=slurm", "experiment_name=xyz"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.polar_launchers.slurm.PolarSlurmLauncher"
+    assert launcher.max_num_timeout > 0
+    assert launcher.name == "polar-xyz"
+    for key in ("partition", "account", "qos", "constraint", "setup", "nodes", "gpus_per_node", "mem_gb",
+                "timeout_min"):
+        assert key in launcher and launcher[key] is None
+    assert "partition" not in cfg and "max_num_timeout" not in cfg   # SLURM keys stay in the launcher
+
+
+# ------------------------------------------------------------------ shapes and grouping (pure)
+
+def fake_plan(model: str, gpus: int, nodes: int = 1, memory_gb: float = 40.0, minutes: int = 600,
+              n: int = 1_000_000_000, compute: float = 1e20) -> Plan:
+    return Plan(model, n, n, 6 * n, 100.0, 200.0, 1e9, compute, 32, 1e-5, 1000, gpus, nodes, memory_gb,
+                minutes, gpus * minutes / 60)
+
+
+def planned(idx: int, plan: Plan, *overrides: str) -> PlannedJob:
+    return PlannedJob(idx, overrides or (f"model={plan.model}",), JobConfig(), plan)
+
+
+def test_shapes_come_from_the_plan_with_one_task_per_gpu():
+    res = ResourcesConfig()
+    small = shape_of(fake_plan("1.8b", gpus=1, memory_gb=52.0, minutes=667), res)
+    assert small == Shape(nodes=1, gpus_per_node=1, tasks_per_node=1, mem_gb=52, timeout_min=667)
+    big = shape_of(fake_plan("70b", gpus=16, nodes=2, memory_gb=70.0, minutes=900), res)
+    assert (big.nodes, big.gpus_per_node, big.tasks_per_node, big.mem_gb) == (2, 8, 8, 560)
+
+
+def test_overrides_and_cpu_only_shapes():
+    res = ResourcesConfig()
+    plan = fake_plan("7b", gpus=4, minutes=768)
+    forced = shape_of(plan, res, nodes=1, mem_gb=0, timeout_min=120)
+    assert (forced.gpus_per_node, forced.tasks_per_node, forced.mem_gb, forced.timeout_min) == (4, 4, 0, 120)
+    assert shape_of(plan, res, max_timeout_min=240).timeout_min == 240
+    cpu = shape_of(fake_plan("100k", gpus=1, n=100_000, compute=1e12), res, gpus_per_node=0)
+    assert cpu.gpus_per_node == 0 and cpu.tasks_per_node == 1 and cpu.nodes == 1
+    assert cpu.timeout_min == cpu_minutes(fake_plan("100k", 1, compute=1e12), res) and cpu.mem_gb == 1
+    assert "no GPU" in cpu.describe()
+
+
+def test_a_sweep_mixing_sizes_becomes_one_array_per_shape():
+    res = ResourcesConfig()
+    jobs = [planned(0, fake_plan("1.8b", gpus=1)), planned(1, fake_plan("7b", gpus=4)),
+            planned(2, fake_plan("1.8b", gpus=1), "model=1.8b", "seed=1"),
+            planned(3, fake_plan("7b", gpus=4, minutes=1200))]
+    groups = group_by_shape(jobs, lambda j: shape_of(j.plan, res))
+    assert [[j.idx for j in g] for g in groups.values()] == [[0, 2], [1], [3]]
+    assert [s.gpus_per_node for s in groups] == [1, 4, 4]
+    assert [s.timeout_min for s in groups] == [600, 600, 1200]
+    one = group_by_shape(jobs, lambda j: shape_of(j.plan, res, gpus_per_node=0, timeout_min=60, mem_gb=4))
+    assert len(one) == 1 and len(next(iter(one.values()))) == 4
+
+
+def test_varying_overrides_and_table_totals():
+    jobs = [planned(0, fake_plan("1.8b", gpus=1), "model=1.8b", "budget.tokens=1e9"),
+            planned(1, fake_plan("7b", gpus=4), "model=7b", "budget.tokens=1e9")]
+    assert varying_overrides(jobs) == ["model=1.8b", "model=7b"]
+    table = job_table(jobs)
+    total = table.splitlines()[-1].split()
+    assert total[:3] == ["total", "2", "jobs"] and "5" in total   # 1 + 4 GPUs
+
+
+def test_test_only_args_ask_for_what_submitit_asks():
+    from hydra_plugins.polar_launchers.slurm import test_only_args
+
+    gpu = test_only_args(Shape(2, 8, 8, 560, 900), {"partition": "gpu", "account": "proj", "qos": None,
+                                                    "additional_parameters": {"mail_type": "END"}})
+    assert {"--test-only", "--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--mem=560G", "--time=900",
+            "--partition=gpu", "--account=proj", "--mail-type=END"} <= set(gpu)
+    assert not any(a.startswith("--qos") for a in gpu)
+    cpu = test_only_args(Shape(1, 0, 1, None, 11), {})
+    assert not any("gpu" in a or a.startswith("--mem") for a in cpu)
