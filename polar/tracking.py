@@ -190,6 +190,7 @@ class MLflowSink:
         self.dropped_points = 0      # metric points refused for good by the server
         self.last_error: str | None = None
         self.undelivered: int | None = None   # set by finish
+        self.cpu_seconds = 0.0       # CPU time the delivery thread used (bench/bench_logging.py)
         if resolve is not None and run_id is None:
             self._put(_Task("resolve", resolve))
 
@@ -296,8 +297,9 @@ class MLflowSink:
         return task
 
     def _run(self) -> None:
-        delay = self.backoff[0]
+        delay, cpu0 = self.backoff[0], time.thread_time()
         while True:
+            self.cpu_seconds = time.thread_time() - cpu0
             with self._cond:
                 while not self._queue and not self._abandoned:
                     self._cond.wait()
