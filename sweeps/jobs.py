@@ -18,7 +18,6 @@ from sweeps.schema import JobConfig
 from sweeps.tracker import ENV_SWEEP_ID, Tracker, git_sha
 
 
-
 def plan_of(job: JobConfig) -> Plan:
     return plan_run(job.model, job.data, job.train, job.budget.tokens, job.budget.flops,
                     job.recipe, job.train.backbone_tokens, job.resources)

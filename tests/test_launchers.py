@@ -13,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from sweeps.derive import Plan, ResourcesConfig
-from sweeps.launch import (PlannedJob, Shape, SweepError, cpu_minutes, group_by_shape, job_table, plan_sweep,
-                           shape_of, varying_overrides)
+from sweeps.launch import (
+    PlannedJob,
+    Shape,
+    SweepError,
+    cpu_minutes,
+    group_by_shape,
+    job_table,
+    plan_sweep,
+    shape_of,
+    varying_overrides,
+)
 from sweeps.schema import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]

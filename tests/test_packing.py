@@ -9,8 +9,17 @@ from polar.config import ModelConfig, TrainConfig
 from polar.data import TokenTriplets, naive_batch
 from polar.loss import pretrain_loss
 from polar.model import build_model
-from polar.packing import (NEGATIVE, PAD_DOC, POSITIVE, PREFIX, allowed, block_mask, dense_mask,
-                           balanced_rows, pack_triplets)
+from polar.packing import (
+    NEGATIVE,
+    PAD_DOC,
+    POSITIVE,
+    PREFIX,
+    allowed,
+    balanced_rows,
+    block_mask,
+    dense_mask,
+    pack_triplets,
+)
 from polar.trainer import evaluate, scores, train_step
 
 SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}

@@ -152,12 +152,12 @@ def test_cli_names_a_missing_model_or_input(tmp_path, model_dir, capsys):
 @pytest.fixture(scope="module")
 def trained_dir(tokenizer, cache_dir, tmp_path_factory):
     """A tiny model pre-trained on an easy pool: two unigram policies on different sources."""
-    from tests.conftest import tiny_data_config
     from polar.config import PolicySpec, TrainConfig
     from polar.data import tokenize_triplets
     from polar.synthesis import read_split, synthesize
     from polar.tracking import NullSink
     from polar.trainer import fit
+    from tests.conftest import tiny_data_config
 
     policies = [PolicySpec(order=1, source=s, temperature=1.0) for s in ("pydoc", "stdlib")]
     cfg = tiny_data_config(policies=policies, n_train=2048, response_len=24)

@@ -20,11 +20,9 @@ import cloudpickle
 import pytest
 
 try:
-    from tests.slurm_util import (sacct_runs, slurm_cluster, squeue_state,  # noqa: F401 (fixture)
-                                  wait_for_sacct_state, wait_until)
+    from tests.slurm_util import sacct_runs, slurm_cluster, squeue_state, wait_for_sacct_state, wait_until  # noqa: F401 (fixture)
 except ImportError:  # tests/ without __init__.py: tests/ itself is on sys.path
-    from slurm_util import (sacct_runs, slurm_cluster, squeue_state,  # noqa: F401
-                            wait_for_sacct_state, wait_until)
+    from slurm_util import sacct_runs, slurm_cluster, squeue_state, wait_for_sacct_state, wait_until  # noqa: F401
 
 submitit = pytest.importorskip("submitit")
 

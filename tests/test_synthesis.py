@@ -1,6 +1,5 @@
 """Synthesis: triplet structure, determinism, held-out validation prefixes, resume."""
 
-import json
 
 import numpy as np
 import pytest

@@ -4,8 +4,18 @@ from dataclasses import replace
 
 import pytest
 
-from polar.template import (PRETRAIN, SFT, Layout, as_text, encode, encode_pieces, layout_ids, render,
-                            truncate_pieces, truncate_text)
+from polar.template import (
+    PRETRAIN,
+    SFT,
+    Layout,
+    as_text,
+    encode,
+    encode_pieces,
+    layout_ids,
+    render,
+    truncate_pieces,
+    truncate_text,
+)
 
 SPECIAL = {"bos": 1, "sep": 3, "reward": 4, "pad": 0}
 

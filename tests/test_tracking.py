@@ -10,8 +10,17 @@ import time
 
 import pytest
 
-from polar.tracking import (PERMANENT_ERRORS, JsonlSink, MLflowSink, SkipLogged, TeeSink, jsonl_record,
-                            process_alive, process_tags, read_jsonl)
+from polar.tracking import (
+    PERMANENT_ERRORS,
+    JsonlSink,
+    MLflowSink,
+    SkipLogged,
+    TeeSink,
+    jsonl_record,
+    process_alive,
+    process_tags,
+    read_jsonl,
+)
 
 
 class ListSink:

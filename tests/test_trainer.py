@@ -7,8 +7,8 @@ import torch
 
 from polar.config import ModelConfig, TrainConfig
 from polar.model import build_model, flops_per_token
-from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at
 from polar.tracking import NullSink
+from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at
 
 TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1,
                    intermediate_size=64, vocab_size=512)
