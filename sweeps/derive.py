@@ -25,7 +25,7 @@ class ResourcesConfig:
     gpu_peak_flops: float = 989e12          # H100 SXM dense bf16
     assumed_mfu: float = 0.35
     time_margin: float = 1.5                # requested time = estimate x margin (+ 10 min)
-    cpu_flops: float = 2e10                 # what a laptop CPU sustains in fp32 training
+    cpu_flops: float = 1e10                 # fp32 training on a laptop core; tiny models are overhead-bound
     cpu_memory_gb: float = 8.0              # refuse local CPU runs that need more
     cpu_max_hours: float = 2.0              # refuse local CPU runs that would take longer
 
