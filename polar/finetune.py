@@ -22,7 +22,6 @@ polar.trainer.fit (checkpoints, resume, metrics) and save the result as a model 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -66,20 +65,10 @@ def parse_preference(obj: Any, where: str) -> dict:
 
 def read_preferences(path: str | Path) -> list[dict]:
     """All records of a preference JSONL file (blank lines skipped), as triplet rows."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {str(path)!r} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BadPreferenceData(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            rows.append(parse_preference(obj, where))
+    from polar.scoring import jsonl_objects
+
+    rows = [parse_preference(obj, where)
+            for _, where, obj in jsonl_objects(path, "preference file", BadPreferenceData)]
     if not rows:
         raise BadPreferenceData(f"{path}: holds no preference records")
     return rows

@@ -131,11 +131,12 @@ def check_record(obj: Any, where: str) -> dict:
     return obj
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, checked record) for each non-blank line of a JSONL file."""
+def jsonl_objects(path: str | Path, what: str, error: type[Exception]) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "FILE: line N", parsed JSON) for each non-blank line of a JSONL file;
+    a missing file or a line that is not JSON raises with the file (called `what`) and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"input file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -144,8 +145,14 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise BadInput(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            yield lineno, check_record(obj, where)
+                raise error(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            yield lineno, where, obj
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, checked record) for each non-blank line of a JSONL file."""
+    for lineno, where, obj in jsonl_objects(path, "input file", BadInput):
+        yield lineno, check_record(obj, where)
 
 
 def score_file(scorer: RewardScorer, input_path: str | Path, output_path: str | Path | None = None,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -60,22 +59,11 @@ def _run(cmd: list[str], timeout: float = 15) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def _ctld_address(conf: str) -> tuple[str, int] | None:
-    """(host, port) of the first SlurmctldHost in slurm.conf, or None if not found."""
-    try:
-        text = Path(conf).read_text()
-    except OSError:
-        return None
-    host = re.search(r"^\s*(?:SlurmctldHost|ControlMachine)\s*=\s*([^\s(#]+)(?:\(([^)]+)\))?", text, re.M | re.I)
-    port = re.search(r"^\s*SlurmctldPort\s*=\s*(\d+)", text, re.M | re.I)
-    if not host:
-        return None
-    return (host.group(2) or host.group(1)), int(port.group(1)) if port else 6817
-
-
 def _ctld_refuses(conf: str) -> str | None:
     """A reason if slurmctld's port refuses connections (fails fast; sinfo takes ~10 s)."""
-    addr = _ctld_address(conf)
+    from hydra_plugins.polar_launchers.slurm import ctld_address
+
+    addr = ctld_address(conf)
     if addr is None:
         return None
     try:

@@ -51,7 +51,7 @@ def slurm_problem(timeout_s: float = 15.0) -> Optional[str]:
         return (f"the SLURM client commands {', '.join(missing)} are not on PATH: run the sweep on the "
                 "cluster's login node (or install slurm-client), or use hydra/launcher=dryrun or local")
     conf = os.environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf"
-    addr = _ctld_address(conf)
+    addr = ctld_address(conf)
     if addr is not None:
         try:
             socket.create_connection(addr, timeout=min(2.0, timeout_s)).close()
@@ -69,7 +69,8 @@ def slurm_problem(timeout_s: float = 15.0) -> Optional[str]:
     return None
 
 
-def _ctld_address(conf: str) -> Optional[tuple[str, int]]:
+def ctld_address(conf: str) -> Optional[tuple[str, int]]:
+    """(host, port) of the first SlurmctldHost in slurm.conf, or None if not found."""
     try:
         text = Path(conf).read_text()
     except OSError:
