@@ -97,7 +97,7 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
 def prepare_data(job: JobConfig) -> dict:
     """Tokenizer, synthesized data (cached by content) and its token ids."""
     from polar.data import tokenize_triplets
-    from polar.synthesis import config_key, read_manifest, read_split, synthesize
+    from polar.synthesis import config_key, read_split, synthesize
     from polar.tokenizer import cached_bpe, load_tokenizer, special_ids
 
     cache = Path(job.paths.cache_dir)
@@ -110,8 +110,7 @@ def prepare_data(job: JobConfig) -> dict:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={job.model.vocab_size}; "
                          "use a model preset with a vocabulary at least as large")
     data_dir = cache / "data" / config_key(job.data, tok_id)
-    manifest = synthesize(job.data, tok, data_dir) if not (data_dir / "manifest.json").exists() \
-        else read_manifest(data_dir)
+    manifest = synthesize(job.data, tok, data_dir)   # reads the manifest when the data set exists
     return {"tokenizer": tok, "special": special_ids(tok), "data_id": manifest["data_id"],
             "train": tokenize_triplets(read_split(data_dir, "train"), tok),
             "val": tokenize_triplets(read_split(data_dir, "val"), tok)}
