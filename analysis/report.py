@@ -327,7 +327,12 @@ def write_report(rec, an: dict, out_dir: Path) -> list[Path]:
 def _parser():
     p = argparse.ArgumentParser(prog="python -m analysis.report",
                                 description="Fit, plot and report an experiment's finished runs.")
-    p.add_argument("--experiment", required=True, help="MLflow experiment name (= sweep name)")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment name (= sweep name); required unless --runs-dir is given")
+    p.add_argument("--runs-dir", default=None, metavar="DIR",
+                   help="read the runs' metrics.jsonl files under DIR (a sweep's paths.runs_dir, e.g. "
+                        "outputs/runs) instead of MLflow; --experiment then filters them; nothing is "
+                        "logged to MLflow")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's own default)")
     p.add_argument("--out", default=None, help="output folder (default: reports/EXPERIMENT)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="K", help="bootstrap resamples (default 200)")
@@ -337,20 +342,26 @@ def _parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from analysis.runs import RunsError, load_records, log_analysis
+    from analysis.runs import RunsError, load_jsonl_records, load_records, log_analysis
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.experiment is None and args.runs_dir is None:
+        parser.error("give --experiment NAME (runs in MLflow) or --runs-dir DIR (runs' metrics.jsonl files)")
     t0 = time.perf_counter()
-    out_dir = Path(args.out or Path("reports") / args.experiment)
+    out_dir = Path(args.out or Path("reports") / (args.experiment or Path(args.runs_dir).name))
     try:
-        rec = load_records(args.experiment, args.tracking_uri)
+        if args.runs_dir is not None:
+            rec = load_jsonl_records(args.runs_dir, args.experiment)
+        else:
+            rec = load_records(args.experiment, args.tracking_uri)
         an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed)
     except (RunsError, ReportError, F.FitError) as exc:
         print(f"analysis.report: error: {exc}", file=sys.stderr)
         return 2
     files = write_report(rec, an, out_dir)
     status = 0
-    if not args.no_mlflow_log:
+    if not args.no_mlflow_log and rec.experiment_id is not None:
         sf, cf = an["size_fit"], an.get("compute_fit")
         metrics = {"fit_n/a": sf.params["a"], "fit_n/b": sf.params["b"], "fit_n/r2": sf.r2}
         if cf is not None:
@@ -369,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cf = an["compute_fit"]
         print(f"L = {cf.params['a']:.4g} C^{cf.params['b']:.5f}  (R^2 = {cf.r2:.4f}, frontier)")
     print(f"report: {out_dir / 'report.md'}  (plots and fits.json beside it; {time.perf_counter() - t0:.1f} s)")
-    print(f"browse the runs: mlflow ui --backend-store-uri {rec.tracking_uri}")
+    if rec.tracking_uri:
+        print(f"browse the runs: mlflow ui --backend-store-uri {rec.tracking_uri}")
     return status
 
 

@@ -12,8 +12,11 @@ analysis does: logging an analysis run with its artifacts):
 
 ``load_records`` returns a ``Records`` bundle: one row per FINISHED job run (columns
 RECORD_COLUMNS), the validation curves (CURVE_COLUMNS) and the failed runs.
-``read_csv`` reads records from a CSV with columns n_params, tokens, compute, loss.
-mlflow is imported inside the functions (its import takes seconds).
+``load_jsonl_records`` builds the same bundle from the runs' own ``metrics.jsonl`` files
+(written beside the checkpoints by every job, with or without a tracking server), for
+runs whose metrics never reached MLflow. ``read_csv`` reads records from a CSV with
+columns n_params, tokens, compute, loss. mlflow is imported inside the functions (its
+import takes seconds).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ __all__ = [
     "Records",
     "RunsError",
     "load_records",
+    "load_jsonl_records",
     "read_csv",
     "complete_records",
     "log_analysis",
@@ -193,6 +197,49 @@ def load_records(experiment: str, tracking_uri: str | None = None) -> Records:
     records = records.sort_values(["n_params", "compute"], kind="stable").reset_index(drop=True)
     curve_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
     return Records(records, curve_df, failed, unfinished, experiment, exp.experiment_id, uri)
+
+
+def _run_experiment(run_dir: Path) -> str | None:
+    """The experiment_name in a run folder's config.yaml (None when unreadable)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    return cfg.get("experiment_name") if isinstance(cfg, dict) else None
+
+
+def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = None) -> Records:
+    """Records from the ``RUN_KEY/metrics.jsonl`` files under ``runs_dir`` (the jobs'
+    ``paths.runs_dir``), keeping only runs of ``experiment`` when given (matched on the
+    experiment_name in each run's config.yaml). Runs that ended FAILED are listed as
+    failed; runs without an end record (running, or killed) as unfinished.
+    Raises RunsError when ``runs_dir`` is not a folder."""
+    from polar.tracking import jsonl_record, read_jsonl
+
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise RunsError(f"runs folder {str(root)!r} does not exist (a sweep's paths.runs_dir, "
+                        f"default outputs/runs)")
+    recs, curves, failed, unfinished = [], [], [], []
+    for path in sorted(root.glob("*/metrics.jsonl")):
+        if experiment is not None and _run_experiment(path.parent) != experiment:
+            continue
+        run = read_jsonl(path)
+        rec, curve = jsonl_record(run, run.params.get("run_key") or path.parent.name)
+        name = run.tags.get("mlflow.runName") or path.parent.name
+        if run.status in ("FAILED", "KILLED"):
+            failed.append(FailedRun(name, path.parent.name, run.tags.get(ERROR_TAG, ""), run.status))
+        elif rec is None or run.status != "FINISHED":
+            unfinished.append(name)
+        else:
+            recs.append(rec)
+            curves.append(pd.DataFrame(curve, columns=CURVE_COLUMNS))
+    records = pd.DataFrame(recs, columns=RECORD_COLUMNS + ["run_name"])
+    records = records.sort_values(["n_params", "compute"], kind="stable").reset_index(drop=True)
+    curve_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
+    return Records(records, curve_df, failed, unfinished, experiment or str(root), None, None)
 
 
 def log_analysis(

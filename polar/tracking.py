@@ -517,14 +517,15 @@ def read_jsonl(path: str | Path) -> JsonlRun:
     return out
 
 
-def jsonl_record(path: str | Path, run_id: str | None = None) -> tuple[dict | None, list[dict]]:
-    """One run's metrics.jsonl in analysis's shapes (DESIGN.md "Contracts"): the record
-    {run_id, model, n_params, n_params_nonembed, tokens, compute, loss, run_name, status}
-    (None when the run logged no validation loss) and its curve rows
-    {run_id, step, tokens_seen, flops_seen, val_loss}. run_id defaults to the params'
-    run_key. Only a record whose status is FINISHED is a finished run."""
-    run = read_jsonl(path)
-    rid = run_id or run.params.get("run_key") or Path(path).parent.name
+def jsonl_record(source: "str | Path | JsonlRun", run_id: str | None = None) -> tuple[dict | None, list[dict]]:
+    """One run's metrics.jsonl (or a JsonlRun read earlier) in analysis's shapes
+    (DESIGN.md "Contracts"): the record {run_id, model, n_params, n_params_nonembed,
+    tokens, compute, loss, run_name, status} (None when the run logged no validation
+    loss) and its curve rows {run_id, step, tokens_seen, flops_seen, val_loss}. run_id
+    defaults to the params' run_key. Only a record whose status is FINISHED is a
+    finished run."""
+    run = source if isinstance(source, JsonlRun) else read_jsonl(source)
+    rid = run_id or run.params.get("run_key") or (None if isinstance(source, JsonlRun) else Path(source).parent.name)
     val, tok, flo = (run.metrics.get(k, {}) for k in ("val/loss", "tokens_seen", "flops_seen"))
     curve = [{"run_id": rid, "step": s, "tokens_seen": tok.get(s, float("nan")),
               "flops_seen": flo.get(s, float("nan")), "val_loss": v} for s, v in sorted(val.items())]

@@ -53,3 +53,55 @@ def test_one_size_is_not_enough():
                   pd.DataFrame(columns=CURVE_COLUMNS), experiment="one")
     with pytest.raises(ReportError, match=r"only 1 model size\(s\) \(\[1000000.0\]\); a fit of L = a N\^b needs at least 2"):
         analyse(rec)
+
+
+def _jsonl_run(root, key, *, model, n, loss, status, experiment="exp"):
+    """A run folder as a job writes it: config.yaml and metrics.jsonl (via JsonlSink)."""
+    from polar.tracking import ERROR_TAG, JsonlSink
+
+    run_dir = root / key
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"experiment_name: {experiment}\n")
+    sink = JsonlSink(run_dir / "metrics.jsonl")
+    sink.log_params({"model": model, "n_params": n, "n_params_nonembed": n / 2, "tokens": 1e6,
+                     "compute": 6e6 * n, "run_key": key})
+    sink.set_tags({"mlflow.runName": f"polar-{model}"})
+    for step, frac in ((10, 0.3), (100, 1.0)):
+        sink.log_many([({"val/loss": loss / frac ** 0.1, "tokens_seen": frac * 1e6,
+                         "flops_seen": frac * 6e6 * n}, step)])
+    if status == "FAILED":
+        sink.set_tags({ERROR_TAG: "loss is NaN at step 100"})
+    if status is not None:   # None: killed before it could write its end
+        sink.finish(status)
+
+
+def test_report_from_jsonl_files_without_mlflow(tmp_path, capsys):
+    from analysis.report import main
+
+    runs = tmp_path / "runs"
+    for i, n in enumerate([1e4, 1e5, 1e6]):
+        _jsonl_run(runs, f"k{i}", model=f"m{i}", n=n, loss=n ** -0.1, status="FINISHED")
+    _jsonl_run(runs, "bad", model="m9", n=1e7, loss=0.1, status="FAILED")
+    _jsonl_run(runs, "dead", model="m8", n=1e7, loss=0.1, status=None)
+    _jsonl_run(runs, "other", model="m7", n=1e8, loss=0.01, status="FINISHED", experiment="other")
+
+    from analysis.runs import load_jsonl_records
+
+    rec = load_jsonl_records(runs, "exp")
+    assert rec.records["model"].tolist() == ["m0", "m1", "m2"]
+    assert [(f.name, f.error) for f in rec.failed] == [("polar-m9", "loss is NaN at step 100")]
+    assert rec.unfinished == ["polar-m8"]
+    assert len(rec.curves) == 6 and set(rec.curves["run_id"]) == {"k0", "k1", "k2"}
+
+    assert main(["--runs-dir", str(runs), "--experiment", "exp", "--out", str(tmp_path / "rep"),
+                 "--bootstrap", "0"]) == 0
+    fits = json.loads((tmp_path / "rep" / "fits.json").read_text())
+    assert fits["fits"]["loss_vs_params"]["params"]["b"] == pytest.approx(-0.1, abs=1e-3)
+    assert "polar-m9" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_report_names_a_missing_runs_dir(tmp_path, capsys):
+    from analysis.report import main
+
+    assert main(["--runs-dir", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,3 +69,20 @@ def test_unknown_preset_lists_the_valid_ones(tmp_path):
     out = sweep(tmp_path, "model=42m")
     assert out.returncode != 0
     assert "Could not find 'model/42m'" in out.stderr and "100k" in out.stderr and "7b" in out.stderr
+
+
+def test_jsonl_files_give_the_same_records_as_mlflow(finished_sweep):
+    """The analysis reads the runs' metrics.jsonl (no tracking server) and gets what MLflow holds."""
+    from analysis.runs import load_jsonl_records, load_records
+
+    tmp, _ = finished_sweep
+    from_mlflow = load_records("e2e", f"sqlite:///{tmp}/mlflow.db")
+    from_files = load_jsonl_records(tmp / "runs", "e2e")
+    cols = ["model", "n_params", "n_params_nonembed", "tokens", "compute", "loss"]
+    assert len(from_files.records) == 2
+    pd.testing.assert_frame_equal(from_files.records[cols], from_mlflow.records[cols], check_dtype=False)
+    key = ["model", "step"]
+    curves = [c.merge(r.records[["run_id", "model"]]).sort_values(key).drop(columns="run_id").reset_index(drop=True)
+              for c, r in ((from_files.curves, from_files), (from_mlflow.curves, from_mlflow))]
+    pd.testing.assert_frame_equal(curves[0], curves[1], check_dtype=False)
+    assert load_jsonl_records(tmp / "runs", "another-experiment").records.empty
