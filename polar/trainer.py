@@ -118,8 +118,9 @@ def _autocast(cfg: TrainConfig, device):
 
 def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
         steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
-        desc: str = "train") -> FitResult:
-    """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present."""
+        desc: str = "train", position: int | None = None) -> FitResult:
+    """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present.
+    position: the terminal line of the progress bar when several jobs share a terminal."""
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -130,7 +131,8 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
     step, tokens_seen = state["step"], state["tokens_seen"]
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
     val_loss, val_acc = state.get("val_loss", float("nan")), state.get("val_acc", float("nan"))
-    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2)
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2,
+               position=position)
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, cfg)

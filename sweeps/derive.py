@@ -115,9 +115,15 @@ def _resources(n: int, compute: float, res: ResourcesConfig):
     return gpus, nodes, round(min(res.gpu_memory_gb, state_gb / gpus * 1.6 + 4), 1), minutes, hours * gpus
 
 
+def cpu_memory_gb(plan: Plan) -> float:
+    """Memory of a CPU run: AdamW state (weights, grads, two moments) with 50% for
+    activations and buffers, plus 0.5 GB for the interpreter, torch and the data."""
+    return plan.n_params * ADAMW_BYTES_PER_PARAM / 1e9 * 1.5 + 0.5
+
+
 def local_refusal(plan: Plan, res: ResourcesConfig) -> str | None:
     """Why a CPU-only local run of this plan should not start, or None when it may."""
-    memory_gb = plan.n_params * ADAMW_BYTES_PER_PARAM / 1e9 * 1.5 + 0.5
+    memory_gb = cpu_memory_gb(plan)
     hours = plan.compute / res.cpu_flops / 3600
     reasons = []
     if memory_gb > res.cpu_memory_gb:

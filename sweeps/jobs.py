@@ -17,6 +17,8 @@ from sweeps.derive import Plan, local_refusal, plan_run
 from sweeps.schema import JobConfig
 from sweeps.tracker import ENV_SWEEP_ID, Tracker, git_sha
 
+PROGRESS_LINE_ENV = "POLAR_PROGRESS_LINE"   # the terminal line of this job's progress bar (parallel jobs)
+
 
 def plan_of(job: JobConfig) -> Plan:
     return plan_run(job.model, job.data, job.train, job.budget.tokens, job.budget.flops,
@@ -85,8 +87,10 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
     model = build_model(job.model, bos_token_id=data["special"]["bos"], pad_token_id=data["special"]["pad"],
                         reward_token_id=data["special"]["reward"], sep_token_id=data["special"]["sep"]).to(device)
     train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)   # the plan's recipe decides
+    line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
-                 plan.flops_per_token, run_dir, tracker.sink, desc=name)
+                 plan.flops_per_token, run_dir, tracker.sink, desc=name,
+                 position=int(line) if line is not None else None)
     model_dir = run_dir / "model"
     model.save_pretrained(model_dir)
     data["tokenizer"].save_pretrained(model_dir)
@@ -97,8 +101,30 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
 def prepare_data(job: JobConfig) -> dict:
     """Tokenizer, synthesized data (cached by content) and its token ids."""
     from polar.data import tokenize_triplets
-    from polar.synthesis import config_key, read_split, synthesize
-    from polar.tokenizer import cached_bpe, load_tokenizer, special_ids
+    from polar.synthesis import read_split
+    from polar.tokenizer import special_ids
+
+    tok, data_dir, manifest = synthesized(job)
+    return {"tokenizer": tok, "special": special_ids(tok), "data_id": manifest["data_id"],
+            "train": tokenize_triplets(read_split(data_dir, "train"), tok),
+            "val": tokenize_triplets(read_split(data_dir, "val"), tok)}
+
+
+def prepare_shared_data(jobs: list[JobConfig]) -> None:
+    """Train the tokenizers and synthesize the data sets of a sweep's jobs, each once
+    (before jobs that share them start at the same time)."""
+    seen = set()
+    for job in jobs:
+        key = (json.dumps(asdict(job.data), sort_keys=True, default=str), job.paths.cache_dir)
+        if key not in seen:
+            seen.add(key)
+            synthesized(job)
+
+
+def synthesized(job: JobConfig):
+    """(tokenizer, data folder, manifest) of a job's data, built when not cached yet."""
+    from polar.synthesis import config_key, synthesize
+    from polar.tokenizer import cached_bpe, load_tokenizer
 
     cache = Path(job.paths.cache_dir)
     if job.data.tokenizer == "bpe":
@@ -110,7 +136,4 @@ def prepare_data(job: JobConfig) -> dict:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={job.model.vocab_size}; "
                          "use a model preset with a vocabulary at least as large")
     data_dir = cache / "data" / config_key(job.data, tok_id)
-    manifest = synthesize(job.data, tok, data_dir)   # reads the manifest when the data set exists
-    return {"tokenizer": tok, "special": special_ids(tok), "data_id": manifest["data_id"],
-            "train": tokenize_triplets(read_split(data_dir, "train"), tok),
-            "val": tokenize_triplets(read_split(data_dir, "val"), tok)}
+    return tok, data_dir, synthesize(job.data, tok, data_dir)   # reads the manifest when the data set exists

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from hydra.errors import CompactHydraException
 
-from sweeps.derive import ADAMW_BYTES_PER_PARAM, Plan, ResourcesConfig, local_refusal
+from sweeps.derive import Plan, ResourcesConfig, cpu_memory_gb, local_refusal
 from sweeps.schema import JobConfig
 
 
@@ -106,6 +106,36 @@ def compose_with_hydra(hydra_context, config) -> Callable[[list[str]], JobConfig
     return compose
 
 
+def local_workers(n_jobs: int | str, planned: Sequence[PlannedJob], cpus: int, memory_gb: float,
+                  gpu: bool = False) -> int:
+    """How many jobs of a sweep the local launcher runs at once.
+
+    n_jobs: a positive int (at most that many, never more than there are jobs), or
+    "auto": as many as fit the machine's cores when every job pins train.threads
+    (cpus // threads), and the memory (80% of memory_gb over the largest job's
+    derive.cpu_memory_gb); one when a job uses all cores (threads=0) or on a GPU.
+    """
+    if isinstance(n_jobs, bool) or not (n_jobs == "auto" or (isinstance(n_jobs, int) and n_jobs >= 1)):
+        raise SweepError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid: give a positive integer "
+                         "(jobs run at once) or 'auto' (as many as the cores and memory allow)")
+    if not planned:
+        return 1
+    if n_jobs != "auto":
+        return min(int(n_jobs), len(planned))
+    threads = [p.job.train.threads for p in planned]
+    if gpu or min(threads) <= 0:
+        return 1
+    by_cores = cpus // max(threads)
+    by_memory = int(0.8 * memory_gb // max(cpu_memory_gb(p.plan) for p in planned))
+    return max(1, min(len(planned), by_cores, by_memory))
+
+
+def machine() -> tuple[int, float]:
+    """(usable CPU cores, physical memory in GB) of this machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpus, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
 def no_gpu_here() -> bool:
     """True on a machine without a usable CUDA GPU (where the local launcher refuses big jobs)."""
     import torch
@@ -133,11 +163,6 @@ class Shape:
                 f"{'s' * (self.tasks_per_node > 1)}/node, {mem}, {fmt_minutes(self.timeout_min)}")
 
 
-def cpu_memory_gb(plan: Plan) -> int:
-    """Host memory of a CPU-only run: AdamW state x 1.5 + 0.5 GB (derive.local_refusal's estimate)."""
-    return max(1, math.ceil(plan.n_params * ADAMW_BYTES_PER_PARAM / 1e9 * 1.5 + 0.5))
-
-
 def cpu_minutes(plan: Plan, res: ResourcesConfig) -> int:
     """Time limit of a CPU-only run, with derive's margin (x time_margin + 10 min)."""
     return int(math.ceil(plan.compute / res.cpu_flops / 60 * res.time_margin)) + 10
@@ -154,7 +179,7 @@ def shape_of(plan: Plan, res: ResourcesConfig, gpus_per_node: Optional[int] = No
     if gpus_per_node == 0:
         n_nodes = nodes or 1
         tasks = tasks_per_node or 1
-        mem = cpu_memory_gb(plan) if mem_gb is None else mem_gb
+        mem = math.ceil(cpu_memory_gb(plan)) if mem_gb is None else mem_gb
         minutes = cpu_minutes(plan, res) if timeout_min is None else timeout_min
     else:
         n_nodes = nodes or plan.nodes

@@ -20,6 +20,7 @@ from sweeps.launch import (
     cpu_minutes,
     group_by_shape,
     job_table,
+    local_workers,
     plan_sweep,
     shape_of,
     varying_overrides,
@@ -233,3 +234,40 @@ def test_test_only_args_ask_for_what_submitit_asks():
     assert not any(a.startswith("--qos") for a in gpu)
     cpu = test_only_args(Shape(1, 0, 1, None, 11), {})
     assert not any("gpu" in a or a.startswith("--mem") for a in cpu)
+
+
+# ------------------------------------------------------------------ local: jobs at once (pure)
+
+def threaded(idx: int, threads: int, n: int = 100_000) -> PlannedJob:
+    from dataclasses import replace
+
+    job = JobConfig()
+    job = replace(job, train=replace(job.train, threads=threads))
+    return PlannedJob(idx, (f"job={idx}",), job, fake_plan(f"m{idx}", 0, n=n))
+
+
+def test_auto_fits_one_thread_jobs_to_the_cores_and_memory():
+    jobs = [threaded(i, 1) for i in range(5)]
+    assert local_workers("auto", jobs, cpus=2, memory_gb=24) == 2
+    assert local_workers("auto", jobs, cpus=16, memory_gb=64) == 5          # never more than the jobs
+    assert local_workers("auto", [threaded(i, 4) for i in range(5)], cpus=16, memory_gb=64) == 4
+    assert local_workers("auto", [threaded(0, 1), threaded(1, 0)], cpus=16, memory_gb=64) == 1   # 0 = all cores
+    assert local_workers("auto", jobs, cpus=16, memory_gb=64, gpu=True) == 1
+    big = [threaded(i, 1, n=500_000_000) for i in range(4)]                  # ~12.5 GB each
+    assert local_workers("auto", big, cpus=16, memory_gb=32) == 2
+
+
+def test_n_jobs_is_a_cap_and_bad_values_are_named():
+    jobs = [threaded(i, 0) for i in range(3)]
+    assert local_workers(2, jobs, cpus=1, memory_gb=1) == 2
+    assert local_workers(8, jobs, cpus=1, memory_gb=1) == 3
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(SweepError, match=f"n_jobs={bad!r}"):
+            local_workers(bad, jobs, cpus=2, memory_gb=8)
+
+
+def test_bad_n_jobs_fails_the_sweep_before_training(tmp_path):
+    out = sweep(tmp_path, "model=100k", "budget.tokens=1e4", "hydra.launcher.n_jobs=0", "tracking=off")
+    assert out.returncode != 0
+    assert "hydra.launcher.n_jobs=0 is not valid" in out.stderr
+    assert not (tmp_path / "runs").exists()

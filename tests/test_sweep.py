@@ -52,11 +52,18 @@ def test_both_runs_land_in_mlflow_with_the_contract_names(finished_sweep):
         assert Path(run.data.tags["checkpoint_dir"], "model", "model.safetensors").exists()
 
 
+def test_one_thread_jobs_ran_side_by_side(finished_sweep):
+    _, first = finished_sweep
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "[local launcher] 2 jobs, 2 at a time" in first.stdout
+
+
 def test_second_sweep_skips_finished_runs(finished_sweep):
     tmp, _ = finished_sweep
-    again = sweep(tmp, "model=100k,200k", "experiment_name=e2e")
+    again = sweep(tmp, "model=100k,200k", "experiment_name=e2e", "hydra.launcher.n_jobs=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier") == 2
+    assert "at a time" not in again.stdout   # one at a time: Hydra's basic launcher
 
 
 def test_two_budgets_fail_before_training(tmp_path):

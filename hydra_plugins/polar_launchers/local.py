@@ -1,23 +1,103 @@
-"""`hydra/launcher=local`: Hydra's BasicLauncher (jobs one after another in this process),
-after every job of the sweep has been composed and planned, so a bad job at the end of a
-sweep fails it before the first job trains. Without a GPU, a job that derive.local_refusal
-refuses (too much memory or time for this machine) fails the whole sweep up front.
+"""`hydra/launcher=local`: the jobs of a sweep run on this machine, several at once when
+the cores allow, after every job of the sweep has been composed and planned (a bad job
+at the end of a sweep fails it before the first job trains). Without a GPU, a job that
+derive.local_refusal refuses (too much memory or time for this machine) fails the whole
+sweep up front.
+
+`n_jobs` (conf/hydra/launcher/local.yaml) says how many jobs run at once: "auto" fits
+them to the cores when every job pins `train.threads` (a sweep of 1-thread jobs on a
+2-core laptop runs 2 at a time) and to the memory (sweeps.launch.local_workers). One at
+a time is Hydra's BasicLauncher, in this process. Several at a time: the shared data are
+synthesized once here first, then each job runs in a fresh process (spawned, so no
+torch or MLflow state is shared), with its progress bar on a line of its own.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Sequence, Union
 
+import cloudpickle
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra.core.utils import JobReturn
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import open_dict
 
 from hydra_plugins.polar_launchers.base import plan_jobs
 
 
 class LocalLauncher(BasicLauncher):
+    def __init__(self, n_jobs: Union[int, str] = "auto") -> None:
+        super().__init__()
+        self.n_jobs = n_jobs
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sweeps.launch import no_gpu_here
+        from sweeps.launch import local_workers, machine, no_gpu_here
 
         assert self.config is not None and self.hydra_context is not None
-        plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, refuse_local=no_gpu_here())
-        return super().launch(job_overrides, initial_job_idx)
+        no_gpu = no_gpu_here()
+        planned = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, refuse_local=no_gpu)
+        workers = local_workers(self.n_jobs, planned, *machine(), gpu=not no_gpu)
+        if workers == 1:
+            return super().launch(job_overrides, initial_job_idx)
+        return self._launch_parallel(job_overrides, initial_job_idx, planned, workers)
+
+    def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
+        from hydra.core.singleton import Singleton
+
+        from sweeps.jobs import prepare_shared_data
+
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        prepare_shared_data([p.job for p in planned])   # once, not by every worker at the same time
+        print(f"[local launcher] {len(job_overrides)} jobs, {workers} at a time", flush=True)
+        state = Singleton.get_state()
+        queue = list(enumerate(job_overrides))
+        results: dict[int, JobReturn] = {}
+        running, free_lines = {}, list(range(workers))
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            while queue or running:
+                while queue and free_lines:
+                    i, overrides = queue.pop(0)
+                    line = free_lines.pop(0)
+                    sweep_config = self._sweep_config(overrides, initial_job_idx + i)
+                    # cloudpickle: Hydra's state holds classes and lambdas that plain pickle refuses
+                    payload = cloudpickle.dumps((state, self.hydra_context, self.task_function, sweep_config))
+                    running[pool.submit(_run_in_child, payload, line)] = (i, line)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i, line = running.pop(future)
+                    free_lines.append(line)
+                    results[i] = cloudpickle.loads(future.result())
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return [results[i] for i in range(len(job_overrides))]
+
+    def _sweep_config(self, overrides, idx: int):
+        import logging
+
+        logging.getLogger(__name__).info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+            sweep_config.hydra.sweep.dir = str(self.config.hydra.sweep.dir)   # ${now:...} resolved here, once
+        return sweep_config
+
+
+def _run_in_child(payload: bytes, line: int) -> bytes:
+    """One job in a spawned worker: Hydra's global state as in the launcher, then run_job;
+    its JobReturn goes back cloudpickled too."""
+    from hydra.core.singleton import Singleton
+
+    from sweeps.jobs import PROGRESS_LINE_ENV
+
+    state, hydra_context, task_function, sweep_config = cloudpickle.loads(payload)
+    Singleton.set_state(state)
+    setup_globals()
+    os.environ[PROGRESS_LINE_ENV] = str(line)
+    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    return cloudpickle.dumps(ret)
