@@ -149,10 +149,13 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
             buffer.append(({"val/loss": val_loss, "val/acc": val_acc, "tokens_seen": tokens_seen,
                             "flops_seen": tokens_seen * flops_per_token}, step))
-            save_checkpoint(run_dir, model, optimizer, step=step, tokens_seen=tokens_seen,
-                            val_loss=val_loss, val_acc=val_acc)
+            # metrics first: a kill between the two re-runs these steps from the older
+            # checkpoint, and the sink drops points already logged (tracking.SkipLogged);
+            # the other order would lose them
             sink.log_many(buffer)
             buffer = []
+            save_checkpoint(run_dir, model, optimizer, step=step, tokens_seen=tokens_seen,
+                            val_loss=val_loss, val_acc=val_acc)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
     bar.close()
     return FitResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)

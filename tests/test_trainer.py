@@ -67,29 +67,62 @@ def test_training_lowers_validation_loss(easy_data, tmp_path):
     assert all(m["flops_seen"] == pytest.approx(m["tokens_seen"] * flops_per_token(TINY, 40)) for m, _ in vals)
 
 
-def test_resume_matches_uninterrupted_run(tiny_data, tmp_path):
+class Stop(Exception):
+    pass
+
+
+def _die_in_save_checkpoint(monkeypatch, after_saving: bool):
+    """The process dies in the first checkpoint save: before writing it, or right after."""
+    import polar.trainer as trainer
+
+    real = trainer.save_checkpoint
+
+    def dying(*args, **kwargs):
+        if after_saving:
+            real(*args, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(trainer, "save_checkpoint", dying)
+    return lambda: monkeypatch.setattr(trainer, "save_checkpoint", real)
+
+
+def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     _, _, train, val, special = tiny_data
     cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
     fpt = flops_per_token(TINY, 40)
     full = fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "full", NullSink(), progress=False)
 
-    class Stop(Exception):
-        pass
-
-    class StopAfterFirstFlush(ListSink):
-        def log_many(self, points):
-            super().log_many(points)
-            raise Stop   # dies right after the first checkpoint (step 4)
-
+    revive = _die_in_save_checkpoint(monkeypatch, after_saving=True)   # dies after the step-4 checkpoint
     with pytest.raises(Stop):
-        fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "cut", StopAfterFirstFlush(),
-            progress=False)
+        fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "cut", ListSink(), progress=False)
+    revive()
     sink = ListSink()
     resumed = fit(_model(special, seed=123), train, val, special, cfg, 16, fpt, tmp_path / "cut", sink,
                   progress=False)
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
     assert resumed.tokens_seen == full.tokens_seen
     assert min(s for _, s in sink.points) == 5     # no step logged twice
+
+
+def test_a_kill_before_the_checkpoint_loses_no_metric_point(tiny_data, tmp_path, monkeypatch):
+    """Metrics are flushed before the checkpoint is written: a kill between the two re-runs
+    the steps, and SkipLogged keeps the history free of repeats and gaps."""
+    from polar.tracking import SkipLogged
+
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
+    first = ListSink()
+    revive = _die_in_save_checkpoint(monkeypatch, after_saving=False)
+    with pytest.raises(Stop):
+        fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path, first, progress=False)
+    revive()
+    assert not (tmp_path / CHECKPOINT).exists()
+    assert ({"val/loss"} <= set(first.points[-1][0])) and first.points[-1][1] == 4   # delivered before dying
+    second = ListSink()
+    fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path, SkipLogged(second, {"train/loss": 4, "lr": 4,
+        "val/loss": 4, "val/acc": 4, "tokens_seen": 4, "flops_seen": 4}), progress=False)
+    train_steps = [s for m, s in first.points + second.points if "train/loss" in m]
+    assert train_steps == list(range(1, 17))
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeypatch):
