@@ -111,7 +111,14 @@ class HFPolicy:
     def generate(self, prefixes: Sequence[str], max_new_tokens: int, seed: int) -> list[str]:
         import torch
 
-        torch.manual_seed(seed)
+        devices = [self.model.device] if self.model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):   # the seed is ours; the caller's RNG stays as it was
+            torch.manual_seed(seed)
+            return self._sample(prefixes, max_new_tokens)
+
+    def _sample(self, prefixes: Sequence[str], max_new_tokens: int) -> list[str]:
+        import torch
+
         out: list[str] = []
         for start in range(0, len(prefixes), self.batch_size):
             batch = self.tokenizer(list(prefixes[start:start + self.batch_size]), return_tensors="pt",

@@ -60,3 +60,12 @@ def test_left_padding_does_not_change_a_prefix_continuation(lm_dir):
     batched = policy(lm_dir, batch_size=4, top_k=1).generate(PREFIXES, 5, seed=0)
     alone = [policy(lm_dir, batch_size=1, top_k=1).generate([x], 5, seed=0)[0] for x in PREFIXES]
     assert batched == alone
+
+
+def test_generation_leaves_the_global_rng_alone(lm_dir):
+    policy = HFPolicy(PolicySpec(kind="hf", path=str(lm_dir), name="tiny"), device="cpu")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    policy.generate(["the cat"], max_new_tokens=4, seed=0)
+    assert torch.equal(torch.rand(3), expected)
