@@ -58,7 +58,11 @@ def plot_loss_vs_params(records: pd.DataFrame, result, path, *, band: tuple | No
     """Final loss against N, the fit over a padded range, ``band`` = (grid, lo, hi)."""
     fig, ax = _figure()
     xs = records[x].to_numpy(float)
-    ax.scatter(xs, records["loss"], s=36, color="C0", zorder=3, label="runs (final val loss)")
+    if "n_seeds" in records.columns and (records["n_seeds"] > 1).any():
+        ax.errorbar(xs, records["loss"], yerr=records["loss_std"], fmt="o", ms=6, color="C0", zorder=3,
+                    capsize=3, label="runs (final val loss, mean ± sd over seeds)")
+    else:
+        ax.scatter(xs, records["loss"], s=36, color="C0", zorder=3, label="runs (final val loss)")
     g = _grid(xs)
     ax.plot(g, result.predict(x=g), color="C3", lw=1.8, label=fit_label(result, "N"))
     if band is not None:

@@ -40,18 +40,47 @@ class ReportError(ValueError):
 
 # ---------------------------------------------------------------- analysis (pure)
 
+# runs that agree on these (where the columns exist) and differ in their seed are replicas
+REPLICA_KEYS = ["model", "n_params", "tokens", "compute", "lr", "batch_size", "data_id"]
+
+
+def average_seeds(records: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Replicas (runs whose configuration differs only in the seed) averaged into one
+    record each: the mean final loss, with ``loss_std`` (0 for one run) and ``n_seeds``;
+    and one curve each, the mean over replicas at the steps they all logged. The first
+    replica's run_id names the average. Runs without replicas pass through unchanged."""
+    keys = [k for k in REPLICA_KEYS if k in records.columns]
+    groups = records.groupby(keys, dropna=False, sort=False).groups if len(records) else {}
+    rows, means = [], []
+    for index in groups.values():
+        group = records.loc[index]
+        row = group.iloc[0].copy()
+        row["loss"] = group["loss"].mean()
+        row["loss_std"] = group["loss"].std(ddof=1) if len(group) > 1 else 0.0
+        row["n_seeds"] = len(group)
+        rows.append(row)
+        members = curves[curves["run_id"].isin(group["run_id"])]
+        if len(members):
+            by_step = members.groupby("step")
+            mean = by_step[["tokens_seen", "flops_seen", "val_loss"]].mean()[by_step.size() == len(group)]
+            means.append(mean.reset_index().assign(run_id=row["run_id"])[curves.columns])
+    averaged = pd.DataFrame(rows).reset_index(drop=True) if rows else records.assign(loss_std=[], n_seeds=[])
+    mean_curves = pd.concat(means, ignore_index=True) if means else curves.iloc[0:0]
+    return averaged, mean_curves
+
+
 def size_points(records: pd.DataFrame) -> pd.DataFrame:
-    """One point per model size: the run with the lowest final loss."""
+    """One point per model size: the (seed-averaged) run with the lowest final loss."""
     idx = records.groupby("n_params")["loss"].idxmin()
     return records.loc[idx].sort_values("n_params").reset_index(drop=True)
 
 
-def frontier_points(rec) -> pd.DataFrame:
+def frontier_points(records: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     """The lower envelope of the validation curves; the records' own points when the
     curves give fewer than 3."""
-    pts = envelope(rec.curves) if len(rec.curves) else pd.DataFrame()
+    pts = envelope(curves) if len(curves) else pd.DataFrame()
     if len(pts) < 3:
-        pts = pareto_frontier(rec.records.rename(columns={"compute": "flops_seen", "loss": "val_loss"}))
+        pts = pareto_frontier(records.rename(columns={"compute": "flops_seen", "loss": "val_loss"}))
     return pts
 
 
@@ -69,19 +98,20 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
     records = rec.records.dropna(subset=["n_params", "loss"])
     if records.empty:
         raise ReportError(_no_runs_message(rec))
+    records, curves = average_seeds(records, rec.curves)
     sizes = size_points(records)
     if len(sizes) < 2:
         raise ReportError(
             f"experiment {rec.experiment!r} has finished runs of only {len(sizes)} model size(s) "
             f"({sizes['n_params'].tolist()}); a fit of L = a N^b needs at least 2"
         )
-    out = {"sizes": sizes, "skipped": {}}
+    out = {"sizes": sizes, "curves": curves, "skipped": {}}
     try:
         out["size_fit"] = _fit_power(sizes["n_params"].to_numpy(float), sizes["loss"].to_numpy(float),
                                      k=bootstrap_k, seed=seed)
     except F.FitError as exc:
         raise ReportError(f"experiment {rec.experiment!r}: the fit of L = a N^b failed: {exc}") from None
-    out["frontier"] = frontier_points(rec)
+    out["frontier"] = frontier_points(records, curves)
     out["isoflop"] = isoflop_minima(records.dropna(subset=["compute"]))
     for name, part in (("size_holdout", _size_holdout), ("compute_fit", _compute_fit),
                        ("size_prediction", _size_prediction), ("isoflop_fit", _isoflop_fit)):
@@ -192,6 +222,7 @@ def fits_json(rec, an: dict) -> dict:
         "experiment": rec.experiment,
         "tracking_uri": rec.tracking_uri,
         "fits": fits,
+        "size_points": _records(an["sizes"][["model", "n_params", "tokens", "loss", "loss_std", "n_seeds"]]),
         "isoflop_minima": _records(an["isoflop"]),
         "runs": _records(rec.records[["run_id", "model", "n_params", "n_params_nonembed", "tokens", "compute", "loss"]]),
         "failed": [{"name": f.name, "run_id": f.run_id, "status": f.status, "error": f.error} for f in rec.failed],
@@ -247,6 +278,10 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
         pr = fits["loss_vs_params"]["prediction"]
         lines += [f"Prediction for N = {pr['n_params']:.3g} (10x the largest model): L = {pr['loss']:.4g}, "
                   f"95% prediction interval {pr['lo']:.4g} to {pr['hi']:.4g}.", ""]
+    lines += ["| model | N | tokens | final val loss (mean over seeds) | sd | seeds |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_fmt(r['n_params'])} | {_fmt(r['tokens'])} | {_fmt(r['loss'])} | "
+              f"{_fmt(r['loss_std']) if r['n_seeds'] > 1 else '–'} | {r['n_seeds']} |" for r in fj["size_points"]]
+    lines.append("")
     if "loss_vs_params" in images:
         lines += [f"![loss vs N]({images['loss_vs_params']})", ""]
     if "loss_vs_compute" in fits:

@@ -236,7 +236,7 @@ def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = Non
         else:
             recs.append(rec)
             curves.append(pd.DataFrame(curve, columns=CURVE_COLUMNS))
-    records = pd.DataFrame(recs, columns=RECORD_COLUMNS + ["run_name"])
+    records = pd.DataFrame(recs, columns=RECORD_COLUMNS + ["run_name", "lr", "batch_size", "seed", "data_id"])
     records = records.sort_values(["n_params", "compute"], kind="stable").reset_index(drop=True)
     curve_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
     return Records(records, curve_df, failed, unfinished, experiment or str(root), None, None)

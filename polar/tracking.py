@@ -520,7 +520,7 @@ def read_jsonl(path: str | Path) -> JsonlRun:
 def jsonl_record(source: "str | Path | JsonlRun", run_id: str | None = None) -> tuple[dict | None, list[dict]]:
     """One run's metrics.jsonl (or a JsonlRun read earlier) in analysis's shapes
     (DESIGN.md "Contracts"): the record {run_id, model, n_params, n_params_nonembed,
-    tokens, compute, loss, run_name, status} (None when the run logged no validation
+    tokens, compute, loss, run_name, status, lr, batch_size, seed, data_id} (None when the run logged no validation
     loss) and its curve rows {run_id, step, tokens_seen, flops_seen, val_loss}. run_id
     defaults to the params' run_key. Only a record whose status is FINISHED is a
     finished run."""
@@ -543,7 +543,8 @@ def jsonl_record(source: "str | Path | JsonlRun", run_id: str | None = None) -> 
     record = {"run_id": rid, "model": run.params.get("model"), "n_params": num("n_params"),
               "n_params_nonembed": num("n_params_nonembed"), "tokens": num("tokens"),
               "compute": num("compute"), "loss": float(loss), "run_name": run.tags.get("mlflow.runName"),
-              "status": run.status}
+              "status": run.status, "lr": num("lr"), "batch_size": num("batch_size"), "seed": num("seed"),
+              "data_id": run.params.get("data_id")}
     return record, curve
 
 

@@ -105,3 +105,31 @@ def test_report_names_a_missing_runs_dir(tmp_path, capsys):
 
     assert main(["--runs-dir", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_seeds_are_averaged_into_one_point_per_configuration():
+    from analysis.report import average_seeds
+
+    rows, curves = [], []
+    for n, base in ((1e4, 0.4), (1e5, 0.3)):
+        for seed, noise in ((0, -0.02), (1, 0.02), (2, 0.0)):
+            rid = f"n{n:g}-s{seed}"
+            rows.append({"run_id": rid, "model": f"m{n:g}", "n_params": n, "tokens": 1e6, "compute": 6e6 * n,
+                         "lr": 1e-3, "loss": base + noise, "seed": seed})
+            steps = [10, 20] if seed < 2 else [10, 20, 30]     # seed 2 ran one eval further
+            curves += [{"run_id": rid, "step": s, "tokens_seen": s * 1e3, "flops_seen": s * 6e3 * n,
+                        "val_loss": base + noise + 1 / s} for s in steps]
+    rows.append({"run_id": "other-lr", "model": "m10000", "n_params": 1e4, "tokens": 1e6, "compute": 6e10,
+                 "lr": 3e-3, "loss": 0.5, "seed": 0})             # another lr: not a replica
+    records, mean_curves = average_seeds(pd.DataFrame(rows), pd.DataFrame(curves, columns=CURVE_COLUMNS))
+    assert len(records) == 3
+    mean = records.set_index("run_id")
+    assert mean.loc["n10000-s0", "loss"] == pytest.approx(0.4) and mean.loc["n10000-s0", "n_seeds"] == 3
+    assert mean.loc["n10000-s0", "loss_std"] == pytest.approx(0.02)
+    assert mean.loc["other-lr", "n_seeds"] == 1 and mean.loc["other-lr", "loss"] == 0.5
+    c = mean_curves[mean_curves["run_id"] == "n100000-s0"]
+    assert c["step"].tolist() == [10, 20]                       # steps every replica logged
+    assert c["val_loss"].tolist() == pytest.approx([0.3 + 0.1, 0.3 + 0.05])
+    an = analyse(Records(pd.DataFrame(rows), pd.DataFrame(curves, columns=CURVE_COLUMNS), experiment="s"),
+                 bootstrap_k=0)
+    assert an["sizes"]["loss"].tolist() == pytest.approx([0.4, 0.3])     # the better of the two lrs at 1e4
