@@ -49,7 +49,14 @@ class TokenTriplets:
 
 
 def tokenize_triplets(rows: list[dict], tokenizer, layout: Layout = Layout()) -> TokenTriplets:
-    """Encode each piece separately (as the reference does), then truncate."""
+    """Encode each piece separately (as the reference does), then truncate. Pre-training
+    data use the "pretrain" wrapper (a plain continuation, no "\n"); sft-wrapped
+    preference data go through polar.finetune.preference_triplets instead."""
+    if layout.wrapper != "pretrain":
+        raise ValueError(f"tokenize_triplets builds pre-training triplets (wrapper 'pretrain'), got "
+                         f"wrapper={layout.wrapper!r}; encode sft-wrapped data with "
+                         "polar.finetune.preference_triplets")
+
     def enc(field):
         return tokenizer([r[field] for r in rows], add_special_tokens=False)["input_ids"]
 

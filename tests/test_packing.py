@@ -170,3 +170,13 @@ def test_flex_attention_packed_equals_naive_on_cuda():
     packed = scores(model, pack_triplets(batch, SPECIAL, max_len=200), "cuda")
     for a, b in zip(naive, packed):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pretraining_triplets_refuse_the_sft_wrapper(tokenizer):
+    from polar.data import tokenize_triplets
+    from polar.template import Layout
+
+    rows = [{"prompt": "a", "reference": "b", "positive": "c", "negative": "d"}]
+    assert len(tokenize_triplets(rows, tokenizer).prompt) == 1
+    with pytest.raises(ValueError, match="wrapper='sft'"):
+        tokenize_triplets(rows, tokenizer, Layout(wrapper="sft"))
