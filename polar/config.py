@@ -58,7 +58,9 @@ class ModelConfig:
 class PolicySpec:
     """One member of the policy pool.
 
-    kind=ngram: a token n-gram model of `order` trained on corpus `source`.
+    kind=ngram: a token n-gram model of `order` trained on corpus `source`, or on part
+    `part` of `parts` equal contiguous slices of it (the books of the Bible, the modules
+    of the standard library in turn: neighbouring slices write alike, far ones less).
     kind=hf: a transformers causal LM loaded from the local directory `path`.
     """
 
@@ -66,6 +68,8 @@ class PolicySpec:
     kind: str = "ngram"
     order: int = 2
     source: str = "stdlib"
+    part: int = 0
+    parts: int = 1
     path: str = ""
     temperature: float = 1.0
     top_p: float = 0.9
@@ -74,13 +78,17 @@ class PolicySpec:
     def __post_init__(self) -> None:
         _one_of("policy", "kind", self.kind, ("ngram", "hf"))
         _positive(f"policy[{self.name}]", temperature=self.temperature, top_p=self.top_p,
-                  top_k=self.top_k, order=self.order)
+                  top_k=self.top_k, order=self.order, parts=self.parts)
+        if not 0 <= self.part < self.parts:
+            raise ValueError(f"policy[{self.name}].part={self.part} must be in 0..{self.parts - 1} "
+                             f"(parts={self.parts})")
         if self.top_p > 1:
             raise ValueError(f"policy[{self.name}].top_p must be in (0, 1], got {self.top_p}")
         if self.kind == "hf" and not self.path:
             raise ValueError(f"policy[{self.name}] of kind 'hf' needs a local model directory in 'path'")
         if not self.name:
-            self.name = (f"{self.kind}{self.order}-{self.source}-t{self.temperature:g}"
+            source = self.source if self.parts == 1 else f"{self.source}.{self.part}of{self.parts}"
+            self.name = (f"{self.kind}{self.order}-{source}-t{self.temperature:g}"
                          if self.kind == "ngram" else f"hf-{self.path}-t{self.temperature:g}")
 
 

@@ -134,11 +134,12 @@ class HFPolicy:
 
 
 def build_pool(specs: Sequence[PolicySpec], tokenizer, corpus_ids: dict[str, np.ndarray]) -> list[Policy]:
-    """Instantiate the pool; n-gram policies train on their source's training split."""
+    """Instantiate the pool; n-gram policies train on their source's training split (or
+    their part of it)."""
     if len(specs) < 2:
         raise ValueError(f"the policy pool needs at least two policies, got {len(specs)}")
     pool: list[Policy] = []
-    tables: dict[tuple[str, int], list[dict]] = {}   # shared by policies of one source and order
+    tables: dict[tuple, list[dict]] = {}   # shared by policies of one source, part and order
     for spec in specs:
         if spec.kind == "hf":
             pool.append(HFPolicy(spec))
@@ -146,8 +147,9 @@ def build_pool(specs: Sequence[PolicySpec], tokenizer, corpus_ids: dict[str, np.
             raise ValueError(f"policy {spec.name!r} trains on corpus source {spec.source!r}, which is not "
                              f"in data.corpus={sorted(corpus_ids)}")
         else:
-            key = (spec.source, spec.order)
+            key = (spec.source, spec.part, spec.parts, spec.order)
             if key not in tables:
-                tables[key] = _ngram_tables(corpus_ids[spec.source], spec.order)
+                tables[key] = _ngram_tables(np.array_split(corpus_ids[spec.source], spec.parts)[spec.part],
+                                            spec.order)
             pool.append(NGramPolicy(spec, tokenizer, tables[key]))
     return pool

@@ -73,3 +73,18 @@ def test_prefix_longer_than_corpus_is_a_clear_error(tokenizer, tmp_path):
     cfg = tiny_data_config(prefix_min=50, prefix_max=60)
     with pytest.raises(ValueError, match="shorter than the requested prefix length"):
         sample_prefixes({"pydoc": np.arange(20)}, 1, cfg, np.random.default_rng(0), tokenizer)
+
+
+def test_policies_on_parts_of_a_source_write_from_their_own_part(tokenizer):
+    from polar.config import PolicySpec
+
+    ids = np.array(tokenizer("the cat sat on the mat. " * 40 + "a dog ran in a park! " * 40,
+                             add_special_tokens=False)["input_ids"])
+    first, second = build_pool([PolicySpec(order=2, source="pydoc", part=i, parts=2) for i in (0, 1)],
+                               tokenizer, {"pydoc": ids})
+    assert (first.name, second.name) == ("ngram2-pydoc.0of2-t1", "ngram2-pydoc.1of2-t1")
+    cat, dog = first.generate(["the"], 24, seed=0)[0], second.generate(["a"], 24, seed=0)[0]
+    assert "cat" in cat and not any(w in cat for w in ("dog", "ran", "park"))
+    assert "dog" in dog and not any(w in dog for w in ("cat", "sat", "mat"))
+    with pytest.raises(ValueError, match="part=2 must be in 0..1"):
+        PolicySpec(part=2, parts=2)
