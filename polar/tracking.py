@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +42,10 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIS
                               "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED"})
 # tags naming the process that holds a run RUNNING (see mark_dead_runs)
 HOST_TAG, PID_TAG, PID_START_TAG, ERROR_TAG = "polar.host", "polar.pid", "polar.pid_start", "polar.error"
+SLURM_JOB_TAG = "polar.slurm_job"   # JOBID, or ARRAYJOBID_TASKID for an array task
+# sacct states of a job that may still write to its run (requeued jobs pass through these)
+SLURM_LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                               "SUSPENDED", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED"})
 
 log = logging.getLogger("polar.tracking")
 
@@ -423,9 +428,35 @@ def create_run(experiment_id: str, run_name: str, tags: dict, tracking_uri: str 
 # ------------------------------------------------- processes that hold a run open
 
 def process_tags(pid: int | None = None) -> dict[str, str]:
-    """host, pid and the pid's start time (so a recycled pid is not taken for the job)."""
+    """host, pid and the pid's start time (so a recycled pid is not taken for the job),
+    and the SLURM job inside which it runs, if any (asked with sacct from other hosts)."""
     pid = os.getpid() if pid is None else pid
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _pid_start(pid) or ""}
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _pid_start(pid) or ""}
+    job = slurm_job_id()
+    if job:
+        tags[SLURM_JOB_TAG] = job
+    return tags
+
+
+def slurm_job_id(env=os.environ) -> str | None:
+    """This process's SLURM job as sacct names it: ARRAYJOBID_TASKID for an array task."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def slurm_job_alive(job: str, timeout: float = 15.0) -> bool | None:
+    """Whether SLURM's accounting says the job may still run (pending, running,
+    requeued, ...); None when sacct is missing or cannot tell."""
+    try:
+        out = subprocess.run(["sacct", "-j", job, "-n", "-X", "-P", "-o", "State"], capture_output=True,
+                             text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not states:
+        return None
+    return states[-1] in SLURM_LIVE_STATES      # "CANCELLED by 0" -> CANCELLED
 
 
 def _pid_start(pid: int) -> str | None:
@@ -437,10 +468,10 @@ def _pid_start(pid: int) -> str | None:
 
 
 def process_alive(tags: dict) -> bool | None:
-    """Whether the process named by a run's tags still runs: None when it is on another
-    host (or the tags are missing), so nobody can tell from here."""
+    """Whether the process named by a run's tags still runs: from its pid on this host,
+    else from its SLURM job's state; None when nobody can tell from here."""
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
-        return None
+        return slurm_job_alive(tags[SLURM_JOB_TAG]) if tags.get(SLURM_JOB_TAG) else None
     pid = int(tags[PID_TAG])
     try:
         os.kill(pid, 0)
@@ -453,18 +484,21 @@ def process_alive(tags: dict) -> bool | None:
 
 
 def mark_dead_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
-    """End as FAILED every RUNNING run of the experiment whose process (on this host) is
-    gone, e.g. killed with SIGKILL or by the OOM killer; returns their names."""
+    """End as FAILED every RUNNING run of the experiment whose process is gone (its pid on
+    this host, or its SLURM job by sacct), e.g. killed with SIGKILL, by the OOM killer or
+    a node failure; returns their names."""
     from mlflow import MlflowClient
     from mlflow.entities import RunTag
 
     client, marked = MlflowClient(tracking_uri), []
-    runs = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
-                              f"tags.`{HOST_TAG}` = '{socket.gethostname()}'", max_results=1000)
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
     for run in runs:
-        if process_alive(run.data.tags) is False:
-            message = (f"the process {run.data.tags[PID_TAG]} on {run.data.tags[HOST_TAG]} that ran this job "
-                       "ended without closing its run (killed: SIGKILL, out of memory, node failure?)")
+        tags = run.data.tags
+        if process_alive(tags) is False:
+            where = (f"SLURM job {tags[SLURM_JOB_TAG]}" if tags.get(HOST_TAG) != socket.gethostname()
+                     else f"the process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)}")
+            message = (f"{where}, which ran this job, ended without closing its run "
+                       "(killed: SIGKILL, out of memory, time limit, node failure?)")
             client.log_batch(run.info.run_id, tags=[RunTag(ERROR_TAG, message)])
             client.set_terminated(run.info.run_id, "FAILED")
             marked.append(run.info.run_name)

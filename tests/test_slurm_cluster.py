@@ -34,8 +34,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _square_in_job(x: int) -> dict:
+    from polar.tracking import process_tags
+
     return {"square": x * x, "job_id": os.environ.get("SLURM_JOB_ID"),
-            "host": socket.gethostname(), "python": sys.executable}
+            "host": socket.gethostname(), "python": sys.executable, "tags": process_tags()}
 
 
 def _sleep(seconds: float) -> str:
@@ -80,16 +82,31 @@ def test_submitit_job_returns_result(tmp_path):
     assert out["square"] == 49
     assert out["job_id"] == job.job_id
     assert out["python"] == sys.executable
+    assert out["tags"]["polar.slurm_job"] == job.job_id      # runs say which job ran them
     assert wait_for_sacct_state(job.job_id, ("COMPLETED",), timeout=30) == "COMPLETED"
 
 
 @pytest.mark.timeout(120)
 def test_cancelled_job_is_reported_cancelled(tmp_path):
+    from mlflow import MlflowClient
+
+    from polar.tracking import mark_dead_runs, process_alive
+
     job = _executor(tmp_path, "polar-cancel").submit(_sleep, 600)
     wait_until(lambda: squeue_state(job.job_id) == "RUNNING", timeout=60,
                what=lambda: f"job {job.job_id} to run (squeue: {squeue_state(job.job_id)!r})")
+    # an MLflow run left RUNNING by this job, as a job on another node would leave it
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("dead")
+    tags = {"polar.host": "another-node", "polar.pid": "4242", "polar.slurm_job": job.job_id}
+    run = client.create_run(exp, tags=tags, run_name="job-run")
+    assert process_alive(tags) is True
+    assert mark_dead_runs(exp, f"sqlite:///{tmp_path}/mlflow.db") == []
     job.cancel()
     assert wait_for_sacct_state(job.job_id, ("CANCELLED",), timeout=30).startswith("CANCELLED")
+    assert mark_dead_runs(exp, f"sqlite:///{tmp_path}/mlflow.db") == ["job-run"]
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "FAILED" and job.job_id in ended.data.tags["polar.error"]
     assert job.done(force_check=True)
     assert job.state.upper().startswith("CANCELLED")
     job._results_timeout_s = 1  # submitit waits 15 s for a result file that will never come

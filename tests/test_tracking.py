@@ -151,3 +151,17 @@ def test_process_liveness_from_run_tags():
     assert process_alive(tags) is False
     assert process_alive({**process_tags(), "polar.host": "elsewhere"}) is None
     assert process_alive({**process_tags(os.getpid()), "polar.pid_start": "1"}) is False   # pid recycled
+
+
+def test_slurm_job_id_names_array_tasks_as_sacct_does():
+    from polar.tracking import slurm_job_id
+
+    assert slurm_job_id({}) is None
+    assert slurm_job_id({"SLURM_JOB_ID": "41"}) == "41"
+    assert slurm_job_id({"SLURM_JOB_ID": "45", "SLURM_ARRAY_JOB_ID": "41", "SLURM_ARRAY_TASK_ID": "3"}) == "41_3"
+
+
+def test_a_run_on_another_host_without_slurm_is_not_judged():
+    from polar.tracking import process_alive
+
+    assert process_alive({"polar.host": "another-node", "polar.pid": "1"}) is None
