@@ -2,11 +2,11 @@
 
 Owns two ways to turn runs into compute-optimal points (Hoffmann et al. 2022):
 
-- Approach 1, the frontier: the lower envelope of validation loss against training
-  compute over all runs' curves (the POLAR paper's Fig. 4, right). ``pareto_frontier``
-  keeps the observed points no other point beats with less compute; ``envelope``
-  evaluates min over runs of each run's log-log interpolated curve on a log-spaced
-  compute grid (evenly weighted points for a fit of L = a C^b).
+- Approach 1, the frontier: the lowest validation loss reached with at most C training
+  FLOPs, over all runs' curves (the POLAR paper's Fig. 4, right), so it never rises with
+  C. ``pareto_frontier`` keeps the observed points no other point beats with less
+  compute; ``envelope`` evaluates it on a log-spaced compute grid (evenly weighted
+  points for a fit of L = a C^b) from each run's log-log interpolated curve.
 - Approach 2, IsoFLOP: for each compute budget with at least 3 model sizes, a parabola
   of loss in log N and its minimum (``isoflop_minima``).
 
@@ -43,13 +43,15 @@ def pareto_frontier(curves: pd.DataFrame) -> pd.DataFrame:
 
 
 def envelope(curves: pd.DataFrame, n_points: int = 24, c_min: float | None = None) -> pd.DataFrame:
-    """min over runs of loss(C) on ``n_points`` log-spaced compute values.
+    """The lowest loss reached with at most C FLOPs, on ``n_points`` log-spaced C values.
 
     Each run's curve is interpolated linearly in (log C, log L) within its own compute
-    range; a grid point uses the runs that cover it. The grid spans [c_min, largest
+    range; a grid point takes the best of the runs that cover it and of every earlier
+    grid point (a run that ended at less compute has shown that its loss is reachable:
+    the frontier of compute-optimal loss never rises). The grid spans [c_min, largest
     compute], c_min defaulting to the smallest compute any run reaches after its first
     evaluation (a run's very first points are mostly initialisation). Columns
-    compute, loss, run_id.
+    compute, loss, run_id (the run that reached the point's loss).
     """
     if n_points < 2:
         raise ValueError(f"n_points must be >= 2, got {n_points}")
@@ -75,6 +77,9 @@ def envelope(curves: pd.DataFrame, n_points: int = 24, c_min: float | None = Non
         better = vals < best[idx]
         best[idx[better]] = vals[better]
         who[idx[better]] = g["run_id"].iloc[0]
+    for i in range(1, n_points):          # the best so far: never rises with compute
+        if not best[i] <= best[i - 1]:
+            best[i], who[i] = best[i - 1], who[i - 1]
     ok = np.isfinite(best)
     return pd.DataFrame({"compute": grid[ok], "loss": best[ok], "run_id": who[ok]})
 

@@ -58,3 +58,19 @@ def test_isoflop_concave_budget_is_not_ok():
     n = np.geomspace(1e6, 1e8, 4)
     m = isoflop_minima(pd.DataFrame({"n_params": n, "compute": 1e15, "loss": 2 - 0.01 * np.log(n) ** 2}))
     assert len(m) == 1 and not m["ok"].iloc[0]
+
+
+def test_envelope_never_rises_when_a_good_run_ends_early():
+    """A small run that ends at C = 1e3 with a low loss holds the frontier until a bigger
+    run (covering more compute, worse at first) gets below it."""
+    cs = np.geomspace(1e2, 1e3, 5)
+    small = pd.DataFrame({"run_id": "small", "step": range(5), "tokens_seen": cs, "flops_seen": cs,
+                          "val_loss": np.geomspace(0.6, 0.3, 5)})
+    cb = np.geomspace(1e2, 1e5, 7)
+    big = pd.DataFrame({"run_id": "big", "step": range(7), "tokens_seen": cb, "flops_seen": cb,
+                        "val_loss": np.geomspace(0.69, 0.1, 7)})
+    e = envelope(pd.concat([small, big], ignore_index=True), n_points=16, c_min=1e2)
+    assert np.all(np.diff(e["loss"]) <= 0)
+    just_after = e[(e["compute"] > 1.05e3) & (e["loss"] >= 0.3 - 1e-12)]
+    assert len(just_after) and set(just_after["run_id"]) == {"small"} and just_after["loss"].max() == pytest.approx(0.3)
+    assert e["run_id"].iloc[-1] == "big" and e["loss"].iloc[-1] == pytest.approx(0.1)
