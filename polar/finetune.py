@@ -110,23 +110,29 @@ def prepare_finetune(model_dir: str | Path, train_path: str | Path, val_path: st
     import torch
 
     from polar.model import load_model
-    from polar.scoring import _load_tokenizer
     from polar.tokenizer import special_ids
 
-    model_dir = Path(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(model_dir).to(device)
-    tokenizer = _load_tokenizer(model_dir)
+    model = load_model(Path(model_dir)).to(device)
+    tokenizer, train, val = preference_data(model_dir, train_path, val_path, val_fraction, seed, layout)
+    seq_len = float(train.naive_tokens().mean()) / 2
+    return {"model": model, "tokenizer": tokenizer, "special": special_ids(tokenizer), "train": train,
+            "val": val, "flops_per_token": _flops_per_token(model.config, seq_len)}
+
+
+def preference_data(model_dir: str | Path, train_path: str | Path, val_path: str | Path | None = None,
+                    val_fraction: float = 0.1, seed: int = 0, layout: Layout = SFT):
+    """(tokenizer of model_dir, train TokenTriplets, val TokenTriplets), without loading the
+    model. Validation: val_path, else a seeded val_fraction of the training file."""
+    from polar.scoring import _load_tokenizer
+
+    tokenizer = _load_tokenizer(Path(model_dir))
     rows = read_preferences(train_path)
     if val_path is not None:
         train_rows, val_rows = rows, read_preferences(val_path)
     else:
         train_rows, val_rows = split_rows(rows, val_fraction, seed)
-    train = preference_triplets(train_rows, tokenizer, layout)
-    val = preference_triplets(val_rows, tokenizer, layout)
-    seq_len = float(train.naive_tokens().mean()) / 2
-    return {"model": model, "tokenizer": tokenizer, "special": special_ids(tokenizer), "train": train,
-            "val": val, "flops_per_token": _flops_per_token(model.config, seq_len)}
+    return tokenizer, preference_triplets(train_rows, tokenizer, layout), preference_triplets(val_rows, tokenizer, layout)
 
 
 def finetune(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, cfg, steps: int | None = None,

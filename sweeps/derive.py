@@ -73,12 +73,15 @@ def polar_batch_size(n_params: float, rm_tokens: float) -> float:
 
 def plan_run(model: ModelConfig, data: DataConfig, train: TrainConfig, tokens: float | None,
              flops: float | None, recipe: str = "fixed", backbone_tokens: float = 0.0,
-             resources: ResourcesConfig = ResourcesConfig()) -> Plan:
-    """The plan of one run. Exactly one of tokens / flops is given."""
+             resources: ResourcesConfig = ResourcesConfig(),
+             lengths: tuple[float, float] | None = None) -> Plan:
+    """The plan of one run. Exactly one of tokens / flops is given. lengths: (mean
+    sequence length, tokens per triplet) measured on real data (fine-tuning), instead of
+    the synthesis config's (sequence_lengths)."""
     if (tokens is None) == (flops is None):
         raise ValueError("give exactly one budget: budget.tokens=... or budget.flops=... "
                          f"(got tokens={tokens}, flops={flops})")
-    seq, per_triplet = sequence_lengths(data, train.packing)
+    seq, per_triplet = lengths or sequence_lengths(data, train.packing)
     fpt = flops_per_token(model, seq)
     tokens = tokens if tokens is not None else flops / fpt
     n = n_params(model)

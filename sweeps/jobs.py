@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -21,22 +22,104 @@ PROGRESS_LINE_ENV = "POLAR_PROGRESS_LINE"   # the terminal line of this job's pr
 
 
 def plan_of(job: JobConfig) -> Plan:
+    if job.stage == "finetune":
+        return _plan_finetune(job)
     return plan_run(job.model, job.data, job.train, job.budget.tokens, job.budget.flops,
                     job.recipe, job.train.backbone_tokens, job.resources)
 
 
 def run_key(job: JobConfig) -> str:
-    """Hash of what changes the result: model, data, training, budget, recipe, seed.
+    """Hash of what changes the result: model, data, training, budget, recipe, seed (and,
+    for fine-tuning, the preference files' contents and the starting model).
     Not: tracking, paths, resources, CPU threads."""
     train = {k: v for k, v in asdict(job.train).items() if k != "threads"}
     blob = {"model": asdict(job.model), "data": asdict(job.data), "train": train,
             "budget": asdict(job.budget), "recipe": job.recipe, "seed": job.seed}
+    if job.stage == "finetune":
+        blob["finetune"] = {**asdict(job.finetune), "data_id": finetune_data_id(job),
+                            "init_from": _model_identity(job.finetune.init_from)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_name(job: JobConfig, plan: Plan) -> str:
     budget = f"C{plan.compute:.2g}" if job.budget.flops is not None else f"T{plan.tokens:.2g}"
-    return f"polar-{job.model.name}-{budget.replace('+', '')}-s{job.seed}"
+    stage = "-ft" if job.stage == "finetune" else ""
+    return f"polar-{job.model.name}{stage}-{budget.replace('+', '')}-s{job.seed}"
+
+
+# ------------------------------------------------------------------ stage=finetune
+
+def _check_init_from(job: JobConfig) -> Path:
+    """The starting model directory, checked against the `model` preset's shape."""
+    path = Path(job.finetune.init_from)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"finetune.init_from={str(path)!r} is not a POLAR model directory (no config.json); "
+                         "give a pre-training run's model folder, e.g. outputs/runs/<run key>/model")
+    saved = json.loads(config.read_text())
+    shape = {"hidden_size": job.model.hidden_size, "num_hidden_layers": job.model.num_layers,
+             "num_attention_heads": job.model.num_heads, "num_key_value_heads": job.model.num_kv_heads,
+             "intermediate_size": job.model.intermediate_size, "vocab_size": job.model.vocab_size}
+    differ = {k: (saved.get(k), v) for k, v in shape.items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"finetune.init_from={str(path)!r} does not have the shape of model={job.model.name!r}: "
+                         + ", ".join(f"{k} {a} (saved) != {b} (preset)" for k, (a, b) in differ.items())
+                         + "; pick the preset the model was pre-trained with")
+    return path
+
+
+def _finetune_data(job: JobConfig):
+    from polar.finetune import preference_data
+    from polar.template import Layout
+
+    ft = job.finetune
+    return preference_data(_check_init_from(job), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
+                           Layout(wrapper=ft.wrapper))
+
+
+def _plan_finetune(job: JobConfig) -> Plan:
+    """The plan from the preference data's real lengths; one epoch unless a budget is given."""
+    _, train, _ = _finetune_data(job)
+    per_triplet = float((train.packed_tokens() if job.train.packing else train.naive_tokens()).mean())
+    lengths = (float(train.naive_tokens().mean()) / 2, per_triplet)
+    tokens, flops = job.budget.tokens, job.budget.flops
+    if tokens is None and flops is None:
+        tokens = len(train) * per_triplet
+    return plan_run(job.model, job.data, job.train, tokens, flops, job.recipe, job.train.backbone_tokens,
+                    job.resources, lengths=lengths)
+
+
+def finetune_data_id(job: JobConfig) -> str:
+    """Content hash of the preference files (train, and val when given)."""
+    h = hashlib.sha256()
+    for path in (job.finetune.train_path, job.finetune.val_path):
+        if path is not None:
+            try:
+                h.update(Path(path).read_bytes())
+            except OSError as err:
+                raise ValueError(f"cannot read preference file {path!r}: {err.strerror}") from None
+    return h.hexdigest()[:16]
+
+
+def _model_identity(path: str) -> dict:
+    """Which starting model: its folder, and size and mtime of its weights (cheap to take
+    for a 7B model, unlike a hash)."""
+    weights = sorted(Path(path).glob("*.safetensors"))
+    return {"path": str(Path(path).resolve()),
+            "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
+
+
+def _finetune_inputs(job: JobConfig, plan: Plan) -> tuple:
+    import torch
+
+    from polar.finetune import prepare_finetune
+    from polar.template import Layout
+
+    ft = job.finetune
+    run = prepare_finetune(_check_init_from(job), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
+                           Layout(wrapper=ft.wrapper), "cuda" if torch.cuda.is_available() else "cpu")
+    data = {**run, "data_id": finetune_data_id(job)}
+    return run["model"], data
 
 
 def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> dict:
@@ -66,26 +149,54 @@ def run_job(job: JobConfig, job_index: str = "") -> dict:
     if tracker.finished:
         print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
         return {"run_key": key, "skipped": True, "val_loss": tracker.final_loss}
+    previous = _fail_on_sigterm()
     try:
         result = _train(job, plan, key, name, run_dir, tracker)
     except BaseException as err:
         tracker.fail(err)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return {"run_key": key, "skipped": False, "val_loss": result.val_loss}
 
 
-def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker):
+def _fail_on_sigterm():
+    """Outside SLURM (whose SIGTERM submitit handles for preemption), a SIGTERM (kill,
+    systemd, a closed session) ends the job through its failure path, so that its run is
+    marked FAILED with the reason at once. Returns the handler it replaced, or None."""
+    import threading
+
+    if os.environ.get("SLURM_JOB_ID") or threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum, frame):
+        raise SystemExit(f"terminated by SIGTERM (signal {signum}); resume by running the sweep again")
+
+    return signal.signal(signal.SIGTERM, terminated)
+
+
+def _pretrain_inputs(job: JobConfig, plan: Plan) -> tuple:
     import torch
 
     from polar.model import build_model
-    from polar.trainer import fit
 
     data = prepare_data(job)
-    tracker.start(run_params(job, plan, key, data["data_id"]))
     torch.manual_seed(job.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(job.model, bos_token_id=data["special"]["bos"], pad_token_id=data["special"]["pad"],
                         reward_token_id=data["special"]["reward"], sep_token_id=data["special"]["sep"]).to(device)
+    return model, data
+
+
+def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker):
+    from polar.trainer import fit
+
+    model, data = (_finetune_inputs if job.stage == "finetune" else _pretrain_inputs)(job, plan)
+    params = run_params(job, plan, key, data["data_id"])
+    if job.stage == "finetune":
+        params.update(stage="finetune", init_from=str(Path(job.finetune.init_from).resolve()))
+    tracker.start(params)
     train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)   # the plan's recipe decides
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
@@ -115,6 +226,8 @@ def prepare_shared_data(jobs: list[JobConfig]) -> None:
     (before jobs that share them start at the same time)."""
     seen = set()
     for job in jobs:
+        if job.stage != "pretrain":
+            continue
         key = (json.dumps(asdict(job.data), sort_keys=True, default=str), job.paths.cache_dir)
         if key not in seen:
             seen.add(key)

@@ -16,6 +16,7 @@ from polar.config import DataConfig, ModelConfig, TrainConfig
 from sweeps.derive import ResourcesConfig
 
 RECIPES = ("fixed", "polar_law")
+STAGES = ("pretrain", "finetune")
 TRACKING_BACKENDS = ("mlflow", "off")
 
 
@@ -54,6 +55,27 @@ class PathsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """`stage=finetune`: preference fine-tuning of a pre-trained POLAR model (the reference
+    implementation's JSONL: prompt, reference, chosen, rejected). The `model` preset must
+    describe the checkpoint's shape; without a budget the run is one epoch."""
+
+    init_from: Optional[str] = None   # a POLAR model directory, e.g. outputs/runs/<run key>/model
+    train_path: Optional[str] = None  # preference JSONL
+    val_path: Optional[str] = None    # null: a seeded val_fraction of train_path is held out
+    val_fraction: float = 0.1
+    wrapper: str = "sft"              # the reference's fine-tuning layout (sft | pretrain)
+
+    def __post_init__(self) -> None:
+        from polar.template import WRAPPERS
+
+        if self.wrapper not in WRAPPERS:
+            raise ValueError(f"finetune.wrapper={self.wrapper!r} is not valid; choose one of {list(WRAPPERS)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -62,13 +84,20 @@ class JobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     experiment_name: str = "default"
+    stage: str = "pretrain"           # pretrain | finetune
     recipe: str = "fixed"
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
             raise ValueError(f"recipe={self.recipe!r} is not valid; choose one of {list(RECIPES)}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is not valid; choose one of {list(STAGES)}")
+        if self.stage == "finetune" and not (self.finetune.init_from and self.finetune.train_path):
+            raise ValueError("stage=finetune needs finetune.init_from=MODEL_DIR (a pre-trained POLAR model, "
+                             "e.g. outputs/runs/<run key>/model) and finetune.train_path=PREFERENCES.jsonl")
 
 
 def register() -> None:

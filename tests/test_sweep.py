@@ -93,3 +93,46 @@ def test_jsonl_files_give_the_same_records_as_mlflow(finished_sweep):
               for c, r in ((from_files.curves, from_files), (from_mlflow.curves, from_mlflow))]
     pd.testing.assert_frame_equal(curves[0], curves[1], check_dtype=False)
     assert load_jsonl_records(tmp / "runs", "another-experiment").records.empty
+
+
+def _preference_file(tmp: Path) -> Path:
+    """Preferences in the reference's JSONL, from the synthesized validation triplets."""
+    import json
+
+    from polar.synthesis import read_split
+
+    (data_dir,) = [p.parent for p in (tmp / "cache" / "data").glob("*/manifest.json")]
+    rows = read_split(data_dir, "val")
+    path = tmp / "prefs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "reference": r["reference"], "chosen": r["positive"],
+                                        "rejected": r["negative"]}) + "\n" for r in rows))
+    return path
+
+
+def test_finetune_is_a_stage_of_the_same_entry_point(finished_sweep):
+    from mlflow import MlflowClient
+
+    tmp, _ = finished_sweep
+    prefs = _preference_file(tmp)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (pre,) = [r for r in client.search_runs([client.get_experiment_by_name("e2e").experiment_id],
+                                           "tags.`polar.kind` = 'job'") if r.data.params["model"] == "100k"]
+    init = Path(pre.data.tags["checkpoint_dir"]) / "model"
+    base = ["stage=finetune", "model=100k", f"finetune.init_from={init}", f"finetune.train_path={prefs}",
+            "train.batch_size=4", "train.n_evals=2", "train.threads=1", "experiment_name=e2e-ft",
+            f"paths.cache_dir={tmp}/cache", f"paths.runs_dir={tmp}/runs", f"hydra.sweep.dir={tmp}/multirun-ft"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    run = subprocess.run([sys.executable, "-m", "sweeps.run", "-m", *base], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (ft,) = client.search_runs([client.get_experiment_by_name("e2e-ft").experiment_id], "tags.`polar.kind` = 'job'")
+    assert ft.info.status == "FINISHED"
+    assert ft.data.params["stage"] == "finetune" and ft.data.params["init_from"] == str(init.resolve())
+    assert int(ft.data.params["steps"]) == 7               # one epoch: 29 of 32 rows (10% held out) / 4
+    assert "val/loss" in ft.data.metrics and ft.info.run_name.startswith("polar-100k-ft-")
+    assert Path(ft.data.tags["checkpoint_dir"], "model", "model.safetensors").exists()
+
+    wrong = subprocess.run([sys.executable, "-m", "sweeps.run", "-m", *base[:1], "model=200k", *base[2:]],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert wrong.returncode != 0
+    assert "does not have the shape of model='200k'" in wrong.stderr

@@ -222,3 +222,25 @@ def test_server_stopped_mid_run_and_restarted_loses_no_point(server, tmp_path, m
     assert late_run.info.status == "FINISHED" and late_run.data.params["model"] == "tiny"
     assert _steps(client, late_run.info.run_id, "train/loss") == list(range(1, 51))
     assert (tmp_path / "late" / "mlflow_run_id").read_text() == late_run.info.run_id
+
+
+def test_a_terminated_job_ends_its_run_failed_at_once(store):
+    from polar.tracking import read_jsonl
+
+    name = f"sigterm-{store.kind}"
+    proc = subprocess.Popen(_sweep_cmd(store, name), cwd=store.cwd, env=_env(store),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs_dir, deadline = Path(store.cwd) / f"runs-{name}", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        files = list(runs_dir.glob("*/metrics.jsonl"))
+        if files and len(read_jsonl(files[0]).metrics.get("val/loss", {})) >= 1:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, f"the job ended before it could be terminated:\n{proc.stdout.read()[-3000:]}"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    (run_dir,) = [f.parent for f in runs_dir.glob("*/metrics.jsonl")]
+    run = _client(store.uri).get_run((run_dir / "mlflow_run_id").read_text())
+    assert run.info.status == "FAILED"
+    assert "SIGTERM" in run.data.tags["polar.error"]
+    assert read_jsonl(run_dir / "metrics.jsonl").status == "FAILED"
