@@ -221,6 +221,15 @@ def prepare_data(job: JobConfig) -> dict:
             "val": tokenize_triplets(read_split(data_dir, "val"), tok)}
 
 
+def finished_locally(job: JobConfig) -> bool:
+    """Whether the job's run folder says that it finished (its metrics.jsonl ends
+    FINISHED); run_job still asks MLflow, this only spares such a job a worker process."""
+    from polar.tracking import read_jsonl
+    from sweeps.tracker import METRICS_FILE
+
+    return read_jsonl(Path(job.paths.runs_dir) / run_key(job) / METRICS_FILE).status == "FINISHED"
+
+
 def prepare_shared_data(jobs: list[JobConfig]) -> None:
     """Train the tokenizers and synthesize the data sets of a sweep's jobs, each once
     (before jobs that share them start at the same time)."""

@@ -64,6 +64,10 @@ def test_second_sweep_skips_finished_runs(finished_sweep):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished earlier") == 2
     assert "at a time" not in again.stdout   # one at a time: Hydra's basic launcher
+    side_by_side = sweep(tmp, "model=100k,200k", "experiment_name=e2e")
+    assert side_by_side.returncode == 0, side_by_side.stderr[-3000:]
+    assert side_by_side.stdout.count("finished earlier") == 2
+    assert "[local launcher]" not in side_by_side.stdout   # finished jobs get no worker process
 
 
 def test_two_budgets_fail_before_training(tmp_path):

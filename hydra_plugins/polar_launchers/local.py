@@ -47,16 +47,24 @@ class LocalLauncher(BasicLauncher):
     def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
         from hydra.core.singleton import Singleton
 
-        from sweeps.jobs import prepare_shared_data
+        from sweeps.jobs import finished_locally, prepare_shared_data
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        prepare_shared_data([p.job for p in planned])   # once, not by every worker at the same time
-        print(f"[local launcher] {len(job_overrides)} jobs, {workers} at a time", flush=True)
-        state = Singleton.get_state()
-        queue = list(enumerate(job_overrides))
         results: dict[int, JobReturn] = {}
+        queue = []
+        for i, (overrides, p) in enumerate(zip(job_overrides, planned)):
+            if finished_locally(p.job):   # skipped in a moment here; a worker would take seconds to start
+                results[i] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                                     config=self._sweep_config(overrides, initial_job_idx + i),
+                                     job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            else:
+                queue.append((i, overrides))
+        prepare_shared_data([planned[i].job for i, _ in queue])   # once, not by every worker at the same time
+        if queue:
+            print(f"[local launcher] {len(queue)} jobs, {min(workers, len(queue))} at a time", flush=True)
+        state = Singleton.get_state()
         running, free_lines = {}, list(range(workers))
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
             while queue or running:
