@@ -45,8 +45,6 @@ class LocalLauncher(BasicLauncher):
         return self._launch_parallel(job_overrides, initial_job_idx, planned, workers)
 
     def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
-        from hydra.core.singleton import Singleton
-
         from sweeps.jobs import finished_locally, prepare_shared_data
 
         setup_globals()
@@ -61,10 +59,19 @@ class LocalLauncher(BasicLauncher):
                                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             else:
                 queue.append((i, overrides))
-        prepare_shared_data([planned[i].job for i, _ in queue])   # once, not by every worker at the same time
         if queue:
+            prepare_shared_data([planned[i].job for i, _ in queue])   # once, not by every worker at once
             print(f"[local launcher] {len(queue)} jobs, {min(workers, len(queue))} at a time", flush=True)
-        state = Singleton.get_state()
+            results.update(self._run_in_workers(queue, initial_job_idx, workers))
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return [results[i] for i in range(len(job_overrides))]
+
+    def _run_in_workers(self, queue: list, initial_job_idx: int, workers: int) -> dict[int, JobReturn]:
+        """Each job in a fresh spawned process, at most `workers` at once; a job's progress
+        bar takes the terminal line its worker slot frees."""
+        from hydra.core.singleton import Singleton
+
+        state, results = Singleton.get_state(), {}
         running, free_lines = {}, list(range(workers))
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
             while queue or running:
@@ -80,8 +87,7 @@ class LocalLauncher(BasicLauncher):
                     i, line = running.pop(future)
                     free_lines.append(line)
                     results[i] = cloudpickle.loads(future.result())
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return [results[i] for i in range(len(job_overrides))]
+        return results
 
     def _sweep_config(self, overrides, idx: int):
         import logging
