@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from polar.scoring import jsonl_objects, require_fields
 from polar.template import SFT, WRAPPERS, Layout, as_text, encode_pieces
 
 FIELDS = ("prompt", "reference", "chosen", "rejected")
@@ -43,12 +44,7 @@ class BadPreferenceData(ValueError):
 
 def parse_preference(obj: Any, where: str) -> dict:
     """One preference record as a triplet row with texts (keys of polar.synthesis rows)."""
-    if not isinstance(obj, dict):
-        raise BadPreferenceData(f"{where}: expected a JSON object with {list(FIELDS)}, got {type(obj).__name__}")
-    missing = [f for f in FIELDS if f not in obj]
-    if missing:
-        raise BadPreferenceData(f"{where}: missing field(s) {missing}; each line needs {list(FIELDS)} "
-                                f"(has {sorted(obj)})")
+    require_fields(obj, FIELDS, where, BadPreferenceData)
     row = {}
     for field in FIELDS:
         try:
@@ -65,7 +61,6 @@ def parse_preference(obj: Any, where: str) -> dict:
 
 def read_preferences(path: str | Path) -> list[dict]:
     """All records of a preference JSONL file (blank lines skipped), as triplet rows."""
-    from polar.scoring import jsonl_objects
 
     rows = [parse_preference(obj, where)
             for _, where, obj in jsonl_objects(path, "preference file", BadPreferenceData)]

@@ -113,14 +113,19 @@ def _load_tokenizer(model_dir: Path):
 
 # ---------------------------------------------------------------- JSONL input
 
+def require_fields(obj: Any, fields: Sequence[str], where: str, error: type[Exception]) -> None:
+    """A parsed JSONL line must be an object holding every field; raises `error` naming
+    the line and what is missing."""
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object with {list(fields)}, got {type(obj).__name__}")
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        raise error(f"{where}: missing field(s) {missing}; each line needs {list(fields)} (has {sorted(obj)})")
+
+
 def check_record(obj: Any, where: str) -> dict:
     """A parsed line, checked: a JSON object with the three fields, strings or message lists."""
-    if not isinstance(obj, dict):
-        raise BadInput(f"{where}: expected a JSON object with {list(FIELDS)}, got {type(obj).__name__}")
-    missing = [f for f in FIELDS if f not in obj]
-    if missing:
-        raise BadInput(f"{where}: missing field(s) {missing}; each line needs {list(FIELDS)} "
-                       f"(has {sorted(obj)})")
+    require_fields(obj, FIELDS, where, BadInput)
     for field in FIELDS:
         try:
             as_text(obj[field], field)

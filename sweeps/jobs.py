@@ -7,6 +7,7 @@ resumes from its checkpoint into the same MLflow run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -69,12 +70,19 @@ def _check_init_from(job: JobConfig) -> Path:
 
 
 def _finetune_data(job: JobConfig):
+    """(tokenizer, train, val) of a fine-tuning job, read and tokenized once per process
+    (planning and training both need them)."""
+    ft = job.finetune
+    return _preference_data(str(_check_init_from(job)), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
+                            ft.wrapper)
+
+
+@functools.lru_cache(maxsize=8)
+def _preference_data(init_from, train_path, val_path, val_fraction, seed, wrapper):
     from polar.finetune import preference_data
     from polar.template import Layout
 
-    ft = job.finetune
-    return preference_data(_check_init_from(job), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
-                           Layout(wrapper=ft.wrapper))
+    return preference_data(init_from, train_path, val_path, val_fraction, seed, Layout(wrapper=wrapper))
 
 
 def _plan_finetune(job: JobConfig) -> Plan:
@@ -112,14 +120,13 @@ def _model_identity(path: str) -> dict:
 def _finetune_inputs(job: JobConfig, plan: Plan) -> tuple:
     import torch
 
-    from polar.finetune import prepare_finetune
-    from polar.template import Layout
+    from polar.model import load_model
+    from polar.tokenizer import special_ids
 
-    ft = job.finetune
-    run = prepare_finetune(_check_init_from(job), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
-                           Layout(wrapper=ft.wrapper), "cuda" if torch.cuda.is_available() else "cpu")
-    data = {**run, "data_id": finetune_data_id(job)}
-    return run["model"], data
+    tokenizer, train, val = _finetune_data(job)
+    model = load_model(_check_init_from(job)).to("cuda" if torch.cuda.is_available() else "cpu")
+    return model, {"tokenizer": tokenizer, "special": special_ids(tokenizer), "train": train, "val": val,
+                   "data_id": finetune_data_id(job)}
 
 
 def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> dict:

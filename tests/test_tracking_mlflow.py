@@ -102,20 +102,29 @@ def _env(store):
     return {**env, **store.env}
 
 
-def test_a_killed_job_is_marked_failed_then_resumes_into_one_continuous_run(store):
+def _sweep_until_evals(store, name: str, evals: int):
+    """Start a one-job sweep and return (process, runs folder) once it has logged `evals`
+    validation points, still running."""
     from polar.tracking import read_jsonl
-    from polar.trainer import eval_steps
 
-    name = f"killed-{store.kind}"
     proc = subprocess.Popen(_sweep_cmd(store, name), cwd=store.cwd, env=_env(store),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs_dir, deadline = Path(store.cwd) / f"runs-{name}", time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         files = list(runs_dir.glob("*/metrics.jsonl"))
-        if files and len(read_jsonl(files[0]).metrics.get("val/loss", {})) >= 2:
+        if files and len(read_jsonl(files[0]).metrics.get("val/loss", {})) >= evals:
             break
         time.sleep(0.1)
-    assert proc.poll() is None, f"the job ended before it could be killed:\n{proc.stdout.read()[-3000:]}"
+    assert proc.poll() is None, f"the job ended before it could be stopped:\n{proc.stdout.read()[-3000:]}"
+    return proc, runs_dir
+
+
+def test_a_killed_job_is_marked_failed_then_resumes_into_one_continuous_run(store):
+    from polar.tracking import read_jsonl
+    from polar.trainer import eval_steps
+
+    name = f"killed-{store.kind}"
+    proc, runs_dir = _sweep_until_evals(store, name, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     (run_dir,) = [f.parent for f in runs_dir.glob("*/metrics.jsonl")]
@@ -228,15 +237,7 @@ def test_a_terminated_job_ends_its_run_failed_at_once(store):
     from polar.tracking import read_jsonl
 
     name = f"sigterm-{store.kind}"
-    proc = subprocess.Popen(_sweep_cmd(store, name), cwd=store.cwd, env=_env(store),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    runs_dir, deadline = Path(store.cwd) / f"runs-{name}", time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        files = list(runs_dir.glob("*/metrics.jsonl"))
-        if files and len(read_jsonl(files[0]).metrics.get("val/loss", {})) >= 1:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, f"the job ended before it could be terminated:\n{proc.stdout.read()[-3000:]}"
+    proc, runs_dir = _sweep_until_evals(store, name, 1)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
     (run_dir,) = [f.parent for f in runs_dir.glob("*/metrics.jsonl")]
