@@ -163,6 +163,7 @@ class TrainConfig:
     threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
     dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     backbone_tokens: float = 0.0     # the backbone's pre-training tokens (recipe=polar_law)
+    parallel: str = "auto"           # with several ranks: ddp | fsdp | auto (fsdp where one GPU cannot hold the training state)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -170,6 +171,7 @@ class TrainConfig:
         _one_of("train", "schedule", self.schedule, ("cosine", "constant", "linear"))
         _one_of("train", "eval_spacing", self.eval_spacing, ("log", "linear"))
         _one_of("train", "dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _one_of("train", "parallel", self.parallel, ("auto", "ddp", "fsdp"))
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):

@@ -7,13 +7,15 @@ and ending the process group (`init_distributed`, `shutdown`: nccl on CUDA, gloo
 CPU); wrapping a model for data parallelism (`wrap_model`: DDP, or FSDP2's fully_shard
 per decoder layer and at the root, for models whose weights and AdamW state do not fit
 one GPU); and the small collectives a data-parallel trainer needs (`shard`,
-`mean_across`, `full_state_dict`). A single process (no launcher) is world size 1 and
+`mean_across`, `barrier`, `broadcast_object`, `no_grad_sync`, `full_state_dict`, and
+`training_state` / `load_training_state` for checkpoints that any world size resumes). A single process (no launcher) is world size 1 and
 every helper is then a no-op, so the same code runs on a laptop.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -173,13 +175,74 @@ def mean_across(value: float) -> float:
     return float(tensor.item()) / dist.get_world_size()
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded parameters and buffers on the CPU, on every rank (for checkpoints and
-    comparisons); works for plain, DDP-wrapped and fully_shard-ed models."""
+def full_state_dict(model: torch.nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded parameters and buffers on the CPU, on every rank (for comparisons) or,
+    with rank0_only, on rank 0 alone (for saving; the others get an empty dict); works
+    for plain, DDP-wrapped and fully_shard-ed models. A collective with several ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not (dist.is_available() and dist.is_initialized()):
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     state = get_model_state_dict(unwrap(model), options=options)
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing for one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(value):
+    """Rank 0's value on every rank (a decision only rank 0 can make, such as whether the
+    run already finished); the value itself for one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def no_grad_sync(model: torch.nn.Module):
+    """Backward passes inside accumulate gradients without reducing them across ranks
+    (all micro-batches but the last of a step); a no-op for an unwrapped model."""
+    if hasattr(model, "no_sync"):                       # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts, unsharded and on the CPU, keyed by parameter names,
+    for a plain, DDP or fully_shard-ed model alike: a checkpoint written by any number of
+    ranks resumes on any other number. A collective: every rank calls it; with several
+    ranks only rank 0 gets the tensors (the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    distributed = dist.is_available() and dist.is_initialized()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=distributed)
+    model_state, optim_state = get_state_dict(unwrap(model), optimizer, options=options)
+    if not distributed:
+        model_state = {k: v.detach().cpu() for k, v in model_state.items()}
+    return model_state, optim_state
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        model_state: dict, optim_state: dict) -> None:
+    """Put the states of `training_state` back. With several ranks, rank 0's states are
+    broadcast (the others may pass empty dicts), so only rank 0 needs to read the file."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    distributed = dist.is_available() and dist.is_initialized()
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
+    set_state_dict(unwrap(model), optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=options)

@@ -58,14 +58,16 @@ class PolarRewardModel(LlamaPreTrainedModel):
         BlockMask): that is how polar.packing passes its shared-prefix mask."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids, use_cache=False).last_hidden_state
+        # .sum(-1) over the head's single output (not squeeze/[:, 0]) returns a new tensor,
+        # not a view: FSDP2 cannot hook the backward of a view returned by a sharded module
         if score_rows is not None:
-            return self.v_head(hidden[score_rows, score_index]).squeeze(-1).float()
-        values = self.v_head(hidden).squeeze(-1).float()
+            return self.v_head(hidden[score_rows, score_index]).float().sum(-1)
         if score_index is None:
-            return values[:, -1]
+            return self.v_head(hidden[:, -1]).float().sum(-1)
+        values = self.v_head(hidden).float().sum(-1)
         index = score_index if score_index.dim() == 2 else score_index[:, None]
         picked = values.gather(1, index)
-        return picked if score_index.dim() == 2 else picked[:, 0]
+        return picked if score_index.dim() == 2 else picked.sum(-1)
 
 
 def build_model(cfg: ModelConfig, attn_implementation: str = "sdpa", **token_ids: int | None) -> PolarRewardModel:

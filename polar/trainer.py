@@ -2,8 +2,14 @@
 
 The data order is a pure function of (seed, step) (`polar.data.batch_order`), so a run
 resumed from its checkpoint sees the same batches as an uninterrupted one. Metrics go
-to a MetricSink; train metrics are buffered and flushed right after each checkpoint,
-so a crash never leaves logged steps that the resumed run would log again.
+to a MetricSink; train metrics are buffered and flushed at each evaluation, just before
+the checkpoint.
+
+Data parallelism (processes started by torchrun or SLURM, `polar.distributed`): fit
+wraps the model (DDP, or FSDP2 for models that do not fit one GPU), each rank trains on
+its contiguous share of every global batch, every rank evaluates the whole validation
+set (fully_shard needs all ranks in every forward), and rank 0 writes the checkpoint,
+whose unsharded states resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,18 @@ import torch
 
 from polar.config import TrainConfig
 from polar.data import TokenTriplets, batch_order, naive_batch
+from polar.distributed import (
+    DistEnv,
+    barrier,
+    broadcast_object,
+    dist_env,
+    load_training_state,
+    mean_across,
+    no_grad_sync,
+    shard,
+    training_state,
+    unwrap,
+)
 from polar.loss import pair_accuracy, pretrain_loss
 from polar.packing import PackedBatch, pack_triplets, packed_rewards, row_capacity
 
@@ -98,12 +116,17 @@ def train_step(model, optimizer, batch: TokenTriplets, special, cfg: TrainConfig
     micro = cfg.micro_batch_size or cfg.batch_size
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    for start in range(0, len(batch), micro):
+    starts = range(0, len(batch), micro)
+    for start in starts:
         chunk = batch.subset(range(start, min(len(batch), start + micro)))
         with _autocast(cfg, device):
-            pos, neg = scores(model, collate(chunk, special, cfg.packing, model), device)
+            pos, neg = scores(model, collate(chunk, special, cfg.packing, unwrap(model)), device)
         loss = pretrain_loss(pos, neg) * len(chunk) / len(batch)
-        loss.backward()
+        if start == starts[-1]:
+            loss.backward()          # the last micro-batch reduces gradients across ranks
+        else:
+            with no_grad_sync(model):
+                loss.backward()
         total += loss.item()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -118,26 +141,30 @@ def _autocast(cfg: TrainConfig, device):
 
 def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
         steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
-        desc: str = "train", position: int | None = None) -> FitResult:
+        desc: str = "train", position: int | None = None, env: DistEnv | None = None):
     """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present.
-    position: the terminal line of the progress bar when several jobs share a terminal."""
+    position: the terminal line of the progress bar when several jobs share a terminal.
+    With several ranks (env), pass the model wrapped by `polar.distributed.wrap_model`
+    and the real sink on rank 0 only (a NullSink elsewhere); cfg.batch_size is the
+    global batch, of which each rank trains on its share."""
     from tqdm import tqdm
 
+    env = env or dist_env()
     device = next(model.parameters()).device
     run_dir = Path(run_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                   weight_decay=cfg.weight_decay)
-    state = load_checkpoint(run_dir, model, optimizer)
+    state = load_checkpoint(run_dir, model, optimizer, env)
     step, tokens_seen = state["step"], state["tokens_seen"]
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
     val_loss, val_acc = state.get("val_loss", float("nan")), state.get("val_acc", float("nan"))
-    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not progress, mininterval=2,
-               position=position)
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
+               mininterval=2, position=position)
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
         batch = train.subset(batch_order(len(train), cfg.batch_size, step, cfg.seed))
-        loss = train_step(model, optimizer, batch, special, cfg, device)
+        loss = mean_across(train_step(model, optimizer, shard(batch, env), special, cfg, device))
         step += 1
         tokens_seen += int((batch.packed_tokens() if cfg.packing else batch.naive_tokens()).sum())
         if not math.isfinite(loss):
@@ -154,39 +181,49 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             # the other order would lose them
             sink.log_many(buffer)
             buffer = []
-            save_checkpoint(run_dir, model, optimizer, step=step, tokens_seen=tokens_seen,
+            save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
                             val_loss=val_loss, val_acc=val_acc)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
     bar.close()
     return FitResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, **state) -> None:
-    """Model, optimizer, RNG states and counters, written atomically (tmp file + rename)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "torch_rng": torch.get_rng_state(), "shape": _shape(model), **state}
-    tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT)
+def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None, **state) -> None:
+    """Model, optimizer, RNG state and counters, written atomically (tmp file + rename) by
+    rank 0; a collective when there are several ranks (every rank calls it)."""
+    env = env or dist_env()
+    model_state, optim_state = training_state(model, optimizer)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        payload = {"model": model_state, "optimizer": optim_state, "torch_rng": torch.get_rng_state(),
+                   "shape": _shape(model), **state}
+        tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
+        torch.save(payload, tmp)
+        os.replace(tmp, run_dir / CHECKPOINT)
+    barrier()
 
 
-def load_checkpoint(run_dir: Path, model, optimizer) -> dict:
-    """Restore a checkpoint into model and optimizer; a fresh state when there is none."""
+def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None) -> dict:
+    """Restore a checkpoint into model and optimizer; a fresh state when there is none.
+    Rank 0 reads the file and broadcasts the states; the counters reach every rank."""
+    env = env or dist_env()
     path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
+    payload = torch.load(path, weights_only=True, map_location="cpu") if env.is_main and path.exists() else None
+    counters = broadcast_object(None if payload is None else
+                                {k: v for k, v in payload.items() if k not in ("model", "optimizer", "torch_rng")})
+    if counters is None:
         return {"step": 0, "tokens_seen": 0}
-    payload = torch.load(path, weights_only=True, map_location="cpu")
-    if payload.get("shape") != _shape(model):
-        raise ValueError(f"checkpoint {path} is for model shape {payload.get('shape')}, not "
+    if counters.get("shape") != _shape(model):
+        raise ValueError(f"checkpoint {path} is for model shape {counters.get('shape')}, not "
                          f"{_shape(model)}; delete it or point the run elsewhere")
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    torch.set_rng_state(payload["torch_rng"])
-    return payload
+    states = (payload["model"], payload["optimizer"]) if payload is not None else ({}, {})
+    load_training_state(model, optimizer, *states)
+    if payload is not None:
+        torch.set_rng_state(payload["torch_rng"])
+    return counters
 
 
 def _shape(model) -> list[int]:
-    c = model.config
+    c = unwrap(model).config
     return [c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
             c.num_key_value_heads, c.intermediate_size]

@@ -48,6 +48,7 @@ class Plan:
     memory_gb: float
     time_limit_min: int
     gpu_hours: float
+    parallel: str = "ddp"          # how the ranks of a multi-GPU job share the model: ddp | fsdp
 
 
 def sequence_lengths(data: DataConfig, packing: bool = False) -> tuple[float, float]:
@@ -88,14 +89,20 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainConfig, tokens: f
     batch, lr = _recipe(recipe, train, n, tokens, backbone_tokens)
     if recipe == "fixed" and train.lr_width_ref > 0:
         lr = lr * train.lr_width_ref / model.hidden_size
+    gpus, nodes, mem, minutes, gpu_hours = _resources(n, tokens * fpt, resources)
+    if recipe != "fixed":
+        batch = -(-batch // gpus) * gpus             # every rank gets an equal share
+    if batch % gpus:
+        raise ValueError(f"train.batch_size={batch} does not split over the {gpus} GPUs that model "
+                         f"{model.name!r} needs; choose a multiple of {gpus}")
     steps = math.floor(tokens / (per_triplet * batch))
     if steps < 1:
         raise ValueError(f"budget too small for one optimizer step of model {model.name!r}: "
                          f"{tokens:.3g} tokens < one batch of {batch} triplets x {per_triplet:.0f} "
                          f"tokens = {batch * per_triplet:.3g}; raise the budget or lower train.batch_size")
-    gpus, nodes, mem, minutes, gpu_hours = _resources(n, tokens * fpt, resources)
+    parallel = train.parallel if train.parallel != "auto" else ("fsdp" if gpus > 1 else "ddp")
     return Plan(model.name, n, n_params_nonembed(model), fpt, seq, per_triplet, tokens, tokens * fpt,
-                batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours)
+                batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours, parallel)
 
 
 def _recipe(recipe: str, train: TrainConfig, n: int, tokens: float, backbone_tokens: float):

@@ -32,8 +32,8 @@ def plan_of(job: JobConfig) -> Plan:
 def run_key(job: JobConfig) -> str:
     """Hash of what changes the result: model, data, training, budget, recipe, seed (and,
     for fine-tuning, the preference files' contents and the starting model).
-    Not: tracking, paths, resources, CPU threads."""
-    train = {k: v for k, v in asdict(job.train).items() if k != "threads"}
+    Not: tracking, paths, resources, CPU threads, how ranks share the model (parallel)."""
+    train = {k: v for k, v in asdict(job.train).items() if k not in ("threads", "parallel")}
     blob = {"model": asdict(job.model), "data": asdict(job.data), "train": train,
             "budget": asdict(job.budget), "recipe": job.recipe, "seed": job.seed}
     if job.stage == "finetune":
@@ -118,13 +118,12 @@ def _model_identity(path: str) -> dict:
 
 
 def _finetune_inputs(job: JobConfig, plan: Plan) -> tuple:
-    import torch
 
     from polar.model import load_model
     from polar.tokenizer import special_ids
 
     tokenizer, train, val = _finetune_data(job)
-    model = load_model(_check_init_from(job)).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(_check_init_from(job))
     return model, {"tokenizer": tokenizer, "special": special_ids(tokenizer), "train": train, "val": val,
                    "data_id": finetune_data_id(job)}
 
@@ -140,32 +139,73 @@ def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> dict:
 
 
 def run_job(job: JobConfig, job_index: str = "") -> dict:
-    """Train one point of a sweep (or skip it when its run already finished)."""
+    """Train one point of a sweep (or skip it when its run already finished). Started as
+    several processes (torchrun, or one SLURM task per GPU), the ranks train one model
+    together: rank 0 owns the MLflow run, the metrics, the checkpoint and the model."""
     import torch
+
+    from polar.distributed import dist_env, init_distributed, shutdown
 
     if job.train.threads > 0:
         torch.set_num_threads(job.train.threads)
     plan, key = plan_of(job), run_key(job)
     name = run_name(job, plan)
     run_dir = Path(job.paths.runs_dir) / key
-    print(f"[job {job_index}] {name}: N={plan.n_params:,} tokens={plan.tokens:.3g} "
-          f"C={plan.compute:.3g} steps={plan.steps} lr={plan.lr:.3g} run_dir={run_dir}", flush=True)
+    env = dist_env()
+    if env.is_main:
+        print(f"[job {job_index}] {name}: N={plan.n_params:,} tokens={plan.tokens:.3g} "
+              f"C={plan.compute:.3g} steps={plan.steps} lr={plan.lr:.3g} run_dir={run_dir}"
+              + (f" ranks={env.world_size} ({plan.parallel})" if env.distributed else ""), flush=True)
     if not torch.cuda.is_available() and (reason := local_refusal(plan, job.resources)):
         raise RuntimeError(reason)
-    tracker = Tracker.open(job, key, name, run_dir)
-    if tracker.finished:
-        print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
-        return {"run_key": key, "skipped": True, "val_loss": tracker.final_loss}
+    owns_group = env.distributed and not torch.distributed.is_initialized()
+    init_distributed(env)
+    try:
+        return _run_ranks(job, plan, key, name, run_dir, env, job_index)
+    finally:
+        if owns_group:
+            shutdown()
+
+
+def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, env, job_index: str) -> dict:
+    from polar.distributed import broadcast_object
+
+    tracker = _on_main(env, lambda: Tracker.open(job, key, name, run_dir))
+    finished = broadcast_object((tracker.finished, tracker.final_loss) if env.is_main else None)
+    if finished[0]:
+        if env.is_main:
+            print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
+        return {"run_key": key, "skipped": True, "val_loss": finished[1]}
     previous = _fail_on_sigterm()
     try:
-        result = _train(job, plan, key, name, run_dir, tracker)
+        result = _train(job, plan, key, name, run_dir, tracker, env)
     except BaseException as err:
-        tracker.fail(err)
+        if tracker is not None:
+            tracker.fail(err)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return {"run_key": key, "skipped": False, "val_loss": result.val_loss}
+
+
+def _on_main(env, make):
+    """make() on rank 0 (None elsewhere). Should it fail, every rank raises, instead of
+    the others waiting for rank 0 until the process group times out."""
+    from polar.distributed import broadcast_object
+
+    value, error = None, None
+    if env.is_main:
+        try:
+            value = make()
+        except Exception as err:   # noqa: BLE001 - re-raised below on every rank
+            error = err
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 failed: {failed}")
+    return value
 
 
 def _fail_on_sigterm():
@@ -190,30 +230,50 @@ def _pretrain_inputs(job: JobConfig, plan: Plan) -> tuple:
 
     data = prepare_data(job)
     torch.manual_seed(job.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(job.model, bos_token_id=data["special"]["bos"], pad_token_id=data["special"]["pad"],
-                        reward_token_id=data["special"]["reward"], sep_token_id=data["special"]["sep"]).to(device)
+                        reward_token_id=data["special"]["reward"], sep_token_id=data["special"]["sep"])
     return model, data
 
 
-def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker):
+def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker | None, env):
+    from polar.distributed import barrier, device_for, wrap_model
+    from polar.tracking import NullSink
     from polar.trainer import fit
 
-    model, data = (_finetune_inputs if job.stage == "finetune" else _pretrain_inputs)(job, plan)
+    inputs = _finetune_inputs if job.stage == "finetune" else _pretrain_inputs
+    if not env.is_main:
+        barrier()                 # rank 0 synthesizes (or reads) the shared data first
+    model, data = inputs(job, plan)
+    if env.is_main:
+        barrier()
     params = run_params(job, plan, key, data["data_id"])
     if job.stage == "finetune":
         params.update(stage="finetune", init_from=str(Path(job.finetune.init_from).resolve()))
-    tracker.start(params)
-    train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)   # the plan's recipe decides
+    if tracker is not None:
+        tracker.start(params)
+    train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size, parallel=plan.parallel)
+    model = wrap_model(model.to(device_for(env)), plan.parallel, env)
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
-                 plan.flops_per_token, run_dir, tracker.sink, desc=name,
-                 position=int(line) if line is not None else None)
+                 plan.flops_per_token, run_dir, tracker.sink if tracker is not None else NullSink(), desc=name,
+                 position=int(line) if line is not None else None, env=env)
     model_dir = run_dir / "model"
-    model.save_pretrained(model_dir)
-    data["tokenizer"].save_pretrained(model_dir)
-    tracker.complete(result, model_dir, log_model=plan.n_params < 1e9)
+    save_model(model, data["tokenizer"], model_dir, env)
+    if tracker is not None:
+        tracker.complete(result, model_dir, log_model=plan.n_params < 1e9)
     return result
+
+
+def save_model(model, tokenizer, model_dir: Path, env) -> None:
+    """The trained model in the Hugging Face folder format, tokenizer beside it, written
+    by rank 0 from the unsharded weights (gathering them is a collective)."""
+    from polar.distributed import barrier, full_state_dict, unwrap
+
+    state = full_state_dict(model, rank0_only=True) if env.distributed else None
+    if env.is_main:
+        unwrap(model).save_pretrained(model_dir, state_dict=state)
+        tokenizer.save_pretrained(model_dir)
+    barrier()
 
 
 def prepare_data(job: JobConfig) -> dict:

@@ -40,6 +40,22 @@ def test_big_models_need_several_gpus_and_refuse_the_laptop():
     assert local_refusal(plan_run(M, D, TrainConfig(), tokens=1e6, flops=None), ResourcesConfig()) is None
 
 
+def test_several_gpus_shard_the_model_and_split_the_batch_evenly():
+    seven = ModelConfig(name="7b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                        intermediate_size=14336, vocab_size=92544)
+    plan = plan_run(seven, D, TrainConfig(batch_size=512), tokens=1e9, flops=None)
+    assert plan.parallel == "fsdp" and plan.batch_size % plan.gpus == 0
+    assert plan_run(M, D, TrainConfig(), tokens=1e6, flops=None).parallel == "ddp"
+    assert plan_run(seven, D, TrainConfig(batch_size=512, parallel="ddp"), tokens=1e9, flops=None).parallel == "ddp"
+    law = plan_run(seven, D, TrainConfig(backbone_tokens=2e12), tokens=1e9, flops=None, recipe="polar_law",
+                   backbone_tokens=2e12)
+    assert law.batch_size % law.gpus == 0                 # the batch law's value, rounded up to a multiple
+    with pytest.raises(ValueError, match=f"train.batch_size=6 does not split over the {plan.gpus} GPUs"):
+        plan_run(seven, D, TrainConfig(batch_size=6), tokens=1e9, flops=None)
+    with pytest.raises(ValueError, match="train.parallel='zero' is not valid"):
+        TrainConfig(parallel="zero")
+
+
 def test_packing_plans_fewer_tokens_per_triplet():
     naive = plan_run(M, D, TrainConfig(batch_size=16), tokens=1e6, flops=None)
     packed = plan_run(M, D, TrainConfig(batch_size=16, packing=True), tokens=1e6, flops=None)

@@ -1,5 +1,6 @@
 """Ranks from torchrun / SLURM, and two gloo processes (DDP and fully_shard) that train
-like one process on the same global batch."""
+like one process on the same global batch: a train step, and `fit` with its
+checkpoints (written by two ranks, resumed by one)."""
 
 import random
 import socket
@@ -11,7 +12,8 @@ from polar.config import ModelConfig, TrainConfig
 from polar.data import TokenTriplets
 from polar.distributed import DistEnv, dist_env, first_host, shard, wrap_model
 from polar.model import build_model
-from polar.trainer import train_step
+from polar.tracking import NullSink
+from polar.trainer import CHECKPOINT, evaluate, fit, train_step
 
 SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}
 SHAPE = ModelConfig(name="t", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -51,13 +53,13 @@ def test_shard_splits_the_global_batch_and_refuses_uneven_splits():
         wrap_model(torch.nn.Linear(1, 1), "zero3")
 
 
-def _triplets(step: int = 0) -> TokenTriplets:
+def _triplets(step: int = 0, n: int = GLOBAL_BATCH) -> TokenTriplets:
     rng = random.Random(step)
 
     def piece():
         return [rng.randrange(4, SHAPE.vocab_size) for _ in range(rng.randrange(1, 10))]
 
-    return TokenTriplets(*[[piece() for _ in range(GLOBAL_BATCH)] for _ in range(4)])
+    return TokenTriplets(*[[piece() for _ in range(n)] for _ in range(4)])
 
 
 def _train(model, packing: bool, rank_batch=lambda batch: batch) -> list[float]:
@@ -118,3 +120,78 @@ def test_two_processes_train_like_one(two_ranks, mode):
     moved = (single.state_dict()["model.layers.1.mlp.up_proj.weight"]
              - _fresh_model().state_dict()["model.layers.1.mlp.up_proj.weight"]).abs().max()
     assert moved > 1e-3                                       # training happened
+
+
+# fit on two ranks: DDP with gradient accumulation, and fully_shard cut short after its
+# second evaluation (every rank's sink raises there); one process then resumes the cut run
+FIT_STEPS, FIT_CFG = 8, dict(lr=1e-3, batch_size=GLOBAL_BATCH, n_evals=4, eval_spacing="linear")
+FIT_RUNS = {"ddp": TrainConfig(micro_batch_size=2, **FIT_CFG), "fsdp": TrainConfig(packing=True, **FIT_CFG)}
+
+
+class CutAfter(NullSink):
+    """Raises at the n-th flush of metrics, before that evaluation's checkpoint."""
+
+    def __init__(self, n: int):
+        self.calls, self.n = 0, n
+
+    def log_many(self, points):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt("cut")
+
+
+def _fit(model, cfg, run_dir, sink=None, env=None):
+    train, val = _triplets(100, n=4 * GLOBAL_BATCH), _triplets(999, n=12)
+    return fit(model, train, val, SPECIAL, cfg, FIT_STEPS, 1.0, run_dir, sink or NullSink(), progress=False,
+               env=env)
+
+
+def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    from polar.distributed import init_distributed, shutdown
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env = init_distributed()
+    ddp = wrap_model(_fresh_model(), "ddp", env)
+    result = _fit(ddp, FIT_RUNS["ddp"], f"{out}/ddp", env=env)
+    torch.save({"val_loss": result.val_loss}, f"{out}/ddp-rank{rank}.pt")
+    try:
+        _fit(wrap_model(_fresh_model(), "fsdp", env), FIT_RUNS["fsdp"], f"{out}/fsdp", CutAfter(2), env)
+    except KeyboardInterrupt:
+        pass
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_rank_fits(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("fit")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fit_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    return out
+
+
+def test_two_rank_fit_ends_like_one_process(two_rank_fits, tmp_path):
+    single = _fit(_fresh_model(), FIT_RUNS["ddp"], tmp_path)
+    ranks = [torch.load(two_rank_fits / f"ddp-rank{r}.pt", weights_only=True)["val_loss"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]                                  # every rank evaluated the same model
+    assert ranks[0] == pytest.approx(single.val_loss, rel=1e-5)
+    untrained, _ = evaluate(_fresh_model(), _triplets(999, n=12), SPECIAL)
+    assert abs(single.val_loss - untrained) > 1e-3               # training happened
+
+
+def test_a_checkpoint_written_by_two_sharded_ranks_resumes_in_one_process(two_rank_fits, tmp_path):
+    cut = two_rank_fits / "fsdp"
+    saved = torch.load(cut / CHECKPOINT, weights_only=True)
+    assert saved["step"] == 2                                    # the first of 4 evaluations at steps 2, 4, 6, 8
+    assert "model.layers.0.mlp.up_proj.weight" in saved["model"]  # unsharded, keyed by parameter name
+    resumed = _fit(_fresh_model(), FIT_RUNS["fsdp"], cut)
+    whole = _fit(_fresh_model(), FIT_RUNS["fsdp"], tmp_path)
+    assert resumed.steps == whole.steps == FIT_STEPS
+    assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-5)

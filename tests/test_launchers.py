@@ -57,8 +57,8 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("#"))
-    for column in ("model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "nodes", "time limit",
-                   "GPU-hours"):
+    for column in ("model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "parallel", "nodes",
+                   "time limit", "GPU-hours"):
         assert column in header
     rows = {line.split()[1]: line.split() for line in lines if line[:1].isdigit()}
     assert set(rows) == {"1.8b", "7b"}
@@ -66,7 +66,8 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
     for model, plan in plans.items():
         cells = rows[model]
         assert cells[3] == "1B" and cells[5] == str(plan.steps)
-        assert cells[8] == str(plan.gpus) and cells[9] == str(plan.nodes)
+        assert cells[8] == str(plan.gpus) and cells[10] == str(plan.nodes)
+        assert cells[9] == ("fsdp" if model == "7b" else "-")
         assert f"model={model}" in cells[-1]
     assert plans["7b"].gpus > plans["1.8b"].gpus == 1
     total = next(line for line in lines if line.startswith("total")).split()
