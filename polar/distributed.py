@@ -7,7 +7,7 @@ and ending the process group (`init_distributed`, `shutdown`: nccl on CUDA, gloo
 CPU); wrapping a model for data parallelism (`wrap_model`: DDP, or FSDP2's fully_shard
 per decoder layer and at the root, for models whose weights and AdamW state do not fit
 one GPU); and the small collectives a data-parallel trainer needs (`shard`,
-`mean_across`, `barrier`, `broadcast_object`, `no_grad_sync`, `full_state_dict`, and
+`mean_across`, `any_rank`, `barrier`, `broadcast_object`, `no_grad_sync`, `full_state_dict`, and
 `training_state` / `load_training_state` for checkpoints that any world size resumes). A single process (no launcher) is world size 1 and
 every helper is then a no-op, so the same code runs on a laptop.
 """
@@ -186,6 +186,17 @@ def full_state_dict(model: torch.nn.Module, rank0_only: bool = False) -> dict[st
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     state = get_model_state_dict(unwrap(model), options=options)
     return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether the flag is set on any rank (so that all ranks act on it at the same step)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    tensor = torch.tensor([int(bool(flag))])
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def barrier() -> None:

@@ -18,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from polar.config import TrainConfig
 from polar.data import TokenTriplets, batch_order, naive_batch
 from polar.distributed import (
     DistEnv,
+    any_rank,
     barrier,
     broadcast_object,
     dist_env,
@@ -40,6 +42,11 @@ from polar.loss import pair_accuracy, pretrain_loss
 from polar.packing import PackedBatch, pack_triplets, packed_rewards, row_capacity
 
 CHECKPOINT = "checkpoint.pt"
+
+
+class Preempted(Exception):
+    """fit stopped early because `stop` asked it to, after writing a checkpoint at that
+    step; fit called again with the same arguments continues from there."""
 
 
 @dataclass
@@ -141,9 +148,12 @@ def _autocast(cfg: TrainConfig, device):
 
 def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
         steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
-        desc: str = "train", position: int | None = None, env: DistEnv | None = None):
+        desc: str = "train", position: int | None = None, env: DistEnv | None = None,
+        stop: Callable[[], bool] | None = None) -> FitResult:
     """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present.
     position: the terminal line of the progress bar when several jobs share a terminal.
+    stop: asked after every step (on every rank); when it says so on any rank, fit logs,
+    checkpoints that step and raises Preempted (a job about to be requeued by SLURM).
     With several ranks (env), pass the model wrapped by `polar.distributed.wrap_model`
     and the real sink on rank 0 only (a NullSink elsewhere); cfg.batch_size is the
     global batch, of which each rank trains on its share."""
@@ -184,6 +194,13 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
                             val_loss=val_loss, val_acc=val_acc)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
+        if stop is not None and step < steps and any_rank(stop()):
+            if buffer:               # not an evaluation step, which has just been checkpointed
+                sink.log_many(buffer)
+                save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
+                                val_loss=val_loss, val_acc=val_acc)
+            bar.close()
+            raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return FitResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
 

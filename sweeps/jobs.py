@@ -176,9 +176,14 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
         if env.is_main:
             print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
         return {"run_key": key, "skipped": True, "val_loss": finished[1]}
-    previous = _fail_on_sigterm()
+    from polar.trainer import Preempted
+
+    previous, requeue = _fail_on_sigterm(), RequeueSignal.install()
     try:
-        result = _train(job, plan, key, name, run_dir, tracker, env)
+        result = _train(job, plan, key, name, run_dir, tracker, env, stop=requeue and requeue.requested)
+    except Preempted as stopped:
+        _hand_over(requeue, stopped, tracker, env)
+        raise
     except BaseException as err:
         if tracker is not None:
             tracker.fail(err)
@@ -186,7 +191,73 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if requeue is not None:
+            requeue.restore()
     return {"run_key": key, "skipped": False, "val_loss": result.val_loss}
+
+
+def _hand_over(requeue: "RequeueSignal", stopped: BaseException, tracker: Tracker | None, env) -> None:
+    """After a checkpoint on the requeue signal: submitit requeues the job and exits
+    (SystemExit on rank 0); the run then waits as SCHEDULED. Anything else (too many
+    time-outs, say) ends the run FAILED."""
+    if env.is_main:
+        print(f"{stopped} (on signal {requeue.signum}); requeueing", flush=True)
+    try:
+        requeue.hand_over(env)
+    except SystemExit:
+        if tracker is not None:
+            tracker.requeued(stopped)
+        raise
+    except BaseException as err:
+        if tracker is not None:
+            tracker.fail(err)
+        raise
+
+
+class RequeueSignal:
+    """Under submitit on SLURM: the signal that announces the time limit or a preemption
+    (USR2) no longer interrupts a training step. Training stops at the end of the step
+    with a checkpoint of it (polar.trainer.fit's `stop`), then submitit's own handler
+    requeues the job, which resumes from that step."""
+
+    def __init__(self, signum: int, previous):
+        self.signum, self.previous, self.received = signum, previous, None
+
+    @classmethod
+    def install(cls) -> "RequeueSignal | None":
+        import threading
+
+        if not os.environ.get("SLURM_JOB_ID") or threading.current_thread() is not threading.main_thread():
+            return None
+        import submitit
+
+        signum = submitit.JobEnvironment._usr_sig()
+        previous = signal.getsignal(signum)
+        if not callable(previous):              # not started by submitit: nothing to hand over to
+            return None
+        self = cls(signum, previous)
+        signal.signal(signum, self._receive)
+        return self
+
+    def _receive(self, signum, frame) -> None:
+        self.received = (signum, frame)
+
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        signal.signal(self.signum, self.previous)
+
+    def hand_over(self, env) -> None:
+        """submitit's handler: on rank 0 it requeues the job and exits; on the other ranks
+        it returns, and they wait for the requeue to end them (exiting first would make
+        srun end rank 0 before it has requeued)."""
+        import time
+
+        self.restore()
+        self.previous(*self.received)
+        while not env.is_main:
+            time.sleep(5)
 
 
 def _on_main(env, make):
@@ -235,7 +306,8 @@ def _pretrain_inputs(job: JobConfig, plan: Plan) -> tuple:
     return model, data
 
 
-def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker | None, env):
+def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker | None, env,
+           stop=None):
     from polar.distributed import barrier, device_for, wrap_model
     from polar.tracking import NullSink
     from polar.trainer import fit
@@ -256,7 +328,7 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
                  plan.flops_per_token, run_dir, tracker.sink if tracker is not None else NullSink(), desc=name,
-                 position=int(line) if line is not None else None, env=env)
+                 position=int(line) if line is not None else None, env=env, stop=stop)
     model_dir = run_dir / "model"
     save_model(model, data["tokenizer"], model_dir, env)
     if tracker is not None:

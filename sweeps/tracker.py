@@ -190,6 +190,14 @@ class Tracker:
             self.remote.log_artifacts(str(model_dir), "model")
         self._finish("FINISHED")
 
+    def requeued(self, why: BaseException) -> None:
+        """The job stopped with a checkpoint and SLURM runs it again: the run waits as
+        SCHEDULED (not FAILED) until the next attempt resumes it."""
+        from polar.tracking import ERROR_TAG
+
+        self.sink.set_tags({ERROR_TAG: f"requeued: {why}"})
+        self._finish("SCHEDULED")
+
     def fail(self, err: BaseException) -> None:
         from polar.tracking import ERROR_TAG
 

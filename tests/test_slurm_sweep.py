@@ -1,8 +1,9 @@
 """`hydra/launcher=slurm` end to end on the local dev cluster (scripts/dev-cluster.sh).
 
 A two-size sweep lands in MLflow (one job array per resource shape); a cancelled job
-fails the sweep, which names it and its log files; a job that reaches its time limit is
-requeued, resumes from its checkpoint into the same MLflow run and finishes. The
+fails the sweep, which names it and its log files; a job that reaches its time limit
+checkpoints on the signal, is requeued, resumes from that checkpoint into the same MLflow
+run and finishes; a job of two tasks trains one model on two ranks. The
 time-limit sweep is started in the background when the module starts, so that its
 requeue waits overlap the other tests (one CPU for it, one for the others). CPU-only cluster: hydra.launcher.gpus_per_node=0.
 """
@@ -159,6 +160,28 @@ def test_job_hitting_its_time_limit_is_requeued_and_resumes(cluster_tmp):
     job_log = Path(re.search(r"#0 \S+ -> \S+\s+log (\S+)", log).group(1))
     text = job_log.read_text() + job_log.with_suffix(".err").read_text()
     assert "Caught signal SIGUSR2" in text and "Requeued job" in text, text[-3000:]
-    # a later run started from a checkpoint (tqdm's first line of a run: "  k/steps [00:00<?")
+    # a later attempt started from the checkpoint written on the signal, at whatever step
+    # it came (tqdm's first line of an attempt: "  k/steps [00:00<?"), not from the last
+    # evaluation's
     starts = [int(k) for k in re.findall(rf"\|\s*(\d+)/{steps} \[00:00<\?", text)]
-    assert any(k > 0 for k in starts), (starts, runs)
+    assert any(k > 0 and k not in eval_steps(steps, 20, "linear") for k in starts), (starts, runs)
+    assert "stopped at step" in text
+
+
+@pytest.mark.timeout(240)
+def test_a_two_task_job_trains_one_model_on_two_ranks(tmp):
+    """Two tasks of one SLURM job (as one task per GPU on a GPU cluster; gloo on these CPUs)
+    read their ranks from SLURM's environment and make one run together."""
+    experiment = f"slurm-ranks-{os.getpid()}"
+    log = finish(start_sweep(tmp, experiment, "model=100k", "budget.tokens=1e4", "train.lr=1e-3",
+                             "train.n_evals=2", "hydra.launcher.tasks_per_node=2"), tmp, experiment, timeout=220)
+    assert "2 tasks/node" in log and re.search(r"#0 \(\S+\) finished", log), log[-3000:]
+    job_log = Path(re.search(r"#0 \S+ -> \S+\s+log (\S+)", log).group(1))
+    assert "ranks=2 (ddp)" in job_log.read_text(), job_log.read_text()[-3000:]
+    client, found = mlflow_runs(tmp, experiment)
+    assert len(found) == 1 and found[0].info.status == "FINISHED", [(r.info.status, r.data.tags) for r in found]
+    run = found[0]
+    steps = int(run.data.params["steps"])
+    history = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert history == list(range(1, steps + 1))       # one writer: every step once
+    assert run.data.params["run_key"] in {p.name for p in (tmp / "runs").iterdir()}

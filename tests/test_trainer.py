@@ -104,6 +104,27 @@ def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     assert min(s for _, s in sink.points) == 5     # no step logged twice
 
 
+def test_stop_checkpoints_the_step_it_was_asked_at_and_resumes_from_there(tiny_data, tmp_path):
+    """SLURM's requeue signal (sweeps.jobs.RequeueSignal) sets `stop`: fit checkpoints the
+    step it has just finished, even between evaluations, and the next attempt goes on."""
+    from polar.trainer import Preempted
+
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
+    full = fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", NullSink(), progress=False)
+    first, steps_done = ListSink(), []
+    with pytest.raises(Preempted, match="stopped at step 6 of 16"):
+        fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "cut", first, progress=False,
+            stop=lambda: steps_done.append(1) or len(steps_done) >= 6)
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == 6   # evaluations: 4, 8, ...
+    second = ListSink()
+    resumed = fit(_model(special, seed=1), train, val, special, cfg, 16, 1.0, tmp_path / "cut", second,
+                  progress=False)
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+    train_steps = [s for m, s in first.points + second.points if "train/loss" in m]
+    assert train_steps == list(range(1, 17))
+
+
 def test_a_kill_before_the_checkpoint_loses_no_metric_point(tiny_data, tmp_path, monkeypatch):
     """Metrics are flushed before the checkpoint is written: a kill between the two re-runs
     the steps, and SkipLogged keeps the history free of repeats and gaps."""

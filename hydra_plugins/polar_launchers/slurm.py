@@ -285,7 +285,9 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
             failed._return_value = UncompletedJobError(f"job {job.job_id} ended {state} without a result")
             return failed, f"ended {state} without a result"
         try:
-            ret = job.result()
+            # a job of several tasks (one per GPU) trains one model: every task must end
+            # well, and rank 0's return is the job's (the others return the same run)
+            ret = job.results()[0] if job.num_tasks > 1 else job.result()
         except (FailedJobError, UncompletedJobError) as err:
             failed._return_value = err
             return failed, f"failed ({job.state}): {_last_line(str(err))}"
