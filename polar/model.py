@@ -47,7 +47,7 @@ class PolarRewardModel(LlamaPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask=None,
                 position_ids: torch.Tensor | None = None,
                 score_index: torch.Tensor | None = None,
-                score_rows: torch.Tensor | None = None) -> torch.Tensor:
+                score_rows: torch.Tensor | None = None, **attention_kwargs) -> torch.Tensor:
         """Rewards in float32. `score_index` (batch,) or (batch, k) picks the positions
         whose values are the scores; by default the last position of each row. With
         `score_rows` (n,), the scores are read at (score_rows[i], score_index[i]): several
@@ -55,9 +55,10 @@ class PolarRewardModel(LlamaPreTrainedModel):
 
         attention_mask: a (batch, seq) padding mask, or a 4D mask that transformers uses
         as given (a (batch, 1, seq, seq) boolean/additive tensor, or a FlexAttention
-        BlockMask): that is how polar.packing passes its shared-prefix mask."""
+        BlockMask): that is how polar.packing passes its shared-prefix mask, with
+        `attention_kwargs` for its attention function (causal_prefix for polar_sdpa)."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, use_cache=False).last_hidden_state
+                            position_ids=position_ids, use_cache=False, **attention_kwargs).last_hidden_state
         # .sum(-1) over the head's single output (not squeeze/[:, 0]) returns a new tensor,
         # not a view: FSDP2 cannot hook the backward of a view returned by a sharded module
         if score_rows is not None:
@@ -70,9 +71,10 @@ class PolarRewardModel(LlamaPreTrainedModel):
         return picked if score_index.dim() == 2 else picked.sum(-1)
 
 
-def build_model(cfg: ModelConfig, attn_implementation: str = "sdpa", **token_ids: int | None) -> PolarRewardModel:
-    """A randomly initialised model; attention "sdpa" (CPU, naive path), "flex_attention"
-    (CUDA, packed path) or "eager"."""
+def build_model(cfg: ModelConfig, attn_implementation: str = "polar_sdpa", **token_ids: int | None) -> PolarRewardModel:
+    """A randomly initialised model; attention "polar_sdpa" (SDPA, faster on packed
+    batches; polar.packing), "sdpa", "flex_attention" (CUDA, packed path) or "eager"."""
+    import polar.packing  # noqa: F401 - registers the polar_sdpa attention
     config = hf_config(cfg, **token_ids)
     config._attn_implementation = attn_implementation
     return PolarRewardModel(config)

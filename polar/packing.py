@@ -14,7 +14,10 @@ scores are read at each candidate's END token.
 
 This module owns the layout (`pack_triplets` -> `PackedBatch`), the attention rule in
 one place (`allowed`), its two renderings (a dense 4D mask for SDPA/eager on the CPU, a
-FlexAttention BlockMask on CUDA that never materialises the mask) and the packed
+FlexAttention BlockMask on CUDA that never materialises the mask), the CPU attention
+"polar_sdpa" (SDPA that computes the causal block every row starts with without a mask,
+skipping its upper triangle, and only the rest against the dense mask; plain SDPA for
+unpacked batches), which attention suits a device (`attention_for`) and the packed
 forward pass (`packed_rewards`). Rewards, loss and gradients equal the naive
 two-sequence path (`polar.data.naive_batch`) within float32 tolerance
 (tests/test_packing.py).
@@ -206,6 +209,50 @@ FLEX_BLOCK = 128
 FLEX_ROW = 8192       # row capacity under FlexAttention: wide rows, little padding, no extra attention
 
 
+def causal_prefix(packed: PackedBatch) -> int:
+    """Length of the causal block that every row starts with: its first triplet's
+    prefix attends only to itself, so the shortest of those prefixes."""
+    return int((packed.part != PREFIX).int().argmax(dim=1).min())
+
+
+def split_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                         scaling: float | None = None, causal_prefix: int = 0, **kwargs):
+    """transformers attention "polar_sdpa": the first `causal_prefix` query positions of
+    every row attend causally among themselves (SDPA's is_causal, no mask, the upper
+    triangle skipped), the rest against the dense packed mask; without causal_prefix
+    (unpacked batches), transformers' SDPA. Returns (batch, seq, heads, dim), None."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    p = causal_prefix
+    if p <= 0 or attention_mask is None or attention_mask.dim() != 4:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:                              # grouped-query attention: as transformers' repeat_kv
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    head = sdpa(query[:, :, :p], key[:, :, :p], value[:, :, :p], is_causal=True, dropout_p=dropout, scale=scaling)
+    tail = sdpa(query[:, :, p:], key, value, attn_mask=attention_mask[:, :, p:], dropout_p=dropout, scale=scaling)
+    return torch.cat([head, tail], dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register_polar_sdpa() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("polar_sdpa", split_sdpa_attention)
+    AttentionMaskInterface.register("polar_sdpa", sdpa_mask)
+
+
+_register_polar_sdpa()
+
+
+def attention_for(device, packing: bool) -> str:
+    """The attention implementation to train with: FlexAttention for packed batches on
+    CUDA (masked blocks skipped, the mask never materialised), else polar_sdpa."""
+    return "flex_attention" if packing and torch.device(device).type == "cuda" else "polar_sdpa"
+
+
 def attention_implementation(model) -> str:
     """The transformers attention implementation of a (possibly DDP-wrapped) model."""
     return getattr(model, "module", model).config._attn_implementation
@@ -220,8 +267,8 @@ def row_capacity(model) -> int | None:
 
 def packed_rewards(model, packed: PackedBatch, device) -> torch.Tensor:
     """Rewards (2B,) of a packed batch, positives first; the mask is rendered for the
-    model's attention implementation (flex_attention: BlockMask; sdpa: boolean; eager:
-    additive) and handed to transformers as a 4D mask, which it uses as given
+    model's attention implementation (flex_attention: BlockMask; sdpa and polar_sdpa:
+    boolean; eager: additive) and handed to transformers as a 4D mask, which it uses as given
     (transformers 5.x, masking_utils._preprocess_mask_arguments: a 4D tensor or a
     BlockMask returns early, so no causal/padding mask is re-derived and the position
     ids are not read as packed-sequence boundaries)."""
@@ -232,6 +279,7 @@ def packed_rewards(model, packed: PackedBatch, device) -> torch.Tensor:
         mask = block_mask(packed)
     else:
         packed = packed.to(device)
-        mask = dense_mask(packed) if impl == "sdpa" else additive_mask(packed)
+        mask = dense_mask(packed) if impl in ("sdpa", "polar_sdpa") else additive_mask(packed)
+    extra = {"causal_prefix": causal_prefix(packed)} if impl == "polar_sdpa" else {}
     return model(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-                 score_index=packed.score_cols, score_rows=packed.score_rows)
+                 score_index=packed.score_cols, score_rows=packed.score_rows, **extra)

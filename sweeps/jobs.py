@@ -309,6 +309,8 @@ def _pretrain_inputs(job: JobConfig, plan: Plan) -> tuple:
 def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker | None, env,
            stop=None):
     from polar.distributed import barrier, device_for, wrap_model
+    from polar.model import set_attention
+    from polar.packing import attention_for
     from polar.tracking import NullSink
     from polar.trainer import fit
 
@@ -324,7 +326,9 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
     if tracker is not None:
         tracker.start(params)
     train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size, parallel=plan.parallel)
-    model = wrap_model(model.to(device_for(env)), plan.parallel, env)
+    device = device_for(env)
+    model = set_attention(model.to(device), attention_for(device, train_cfg.packing))
+    model = wrap_model(model, plan.parallel, env)
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
                  plan.flops_per_token, run_dir, tracker.sink if tracker is not None else NullSink(), desc=name,

@@ -141,6 +141,32 @@ def test_packed_training_and_evaluation_match_naive(tiny_data):
         torch.testing.assert_close(runs[True][2][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_packed_training_uses_flex_attention_on_cuda_and_polar_sdpa_elsewhere():
+    from polar.packing import attention_for
+
+    assert attention_for("cuda", True) == attention_for(torch.device("cuda", 1), True) == "flex_attention"
+    assert attention_for("cuda", False) == attention_for("cpu", True) == "polar_sdpa"
+
+
+def test_polar_sdpa_skips_the_leading_causal_block_and_gives_the_dense_masks_attention():
+    """The CPU attention: each row's leading causal block without a mask, the rest with
+    the dense mask; grouped-query heads (4 query heads over 2 key/value heads)."""
+    from polar.packing import causal_prefix, split_sdpa_attention
+
+    packed = pack_triplets(_random_triplets(9, seed=4, longest=20), SPECIAL, max_len=120)
+    p = causal_prefix(packed)
+    first_candidate = [(row != 0).nonzero()[0].item() for row in packed.part]
+    assert p == min(first_candidate) > 0
+    rows, width = packed.input_ids.shape
+    torch.manual_seed(0)
+    q, k, v = torch.randn(rows, 4, width, 8), torch.randn(rows, 2, width, 8), torch.randn(rows, 2, width, 8)
+    mask = dense_mask(packed)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), attn_mask=mask).transpose(1, 2)
+    got, _ = split_sdpa_attention(None, q, k, v, mask, causal_prefix=p)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_block_mask_gives_the_dense_masks_attention():
     """The FlexAttention rendering of the rule (CUDA path) against SDPA with the dense
