@@ -169,6 +169,7 @@ def run_job(job: JobConfig, job_index: str = "") -> dict:
 
 def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, env, job_index: str) -> dict:
     from polar.distributed import broadcast_object
+    from polar.trainer import Preempted
 
     tracker = _on_main(env, lambda: Tracker.open(job, key, name, run_dir))
     finished = broadcast_object((tracker.finished, tracker.final_loss) if env.is_main else None)
@@ -176,8 +177,6 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
         if env.is_main:
             print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
         return {"run_key": key, "skipped": True, "val_loss": finished[1]}
-    from polar.trainer import Preempted
-
     previous, requeue = _fail_on_sigterm(), RequeueSignal.install()
     try:
         result = _train(job, plan, key, name, run_dir, tracker, env, stop=requeue and requeue.requested)
