@@ -234,7 +234,11 @@ def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None)
         raise ValueError(f"checkpoint {path} is for model shape {counters.get('shape')}, not "
                          f"{_shape(model)}; delete it or point the run elsewhere")
     states = (payload["model"], payload["optimizer"]) if payload is not None else ({}, {})
-    load_training_state(model, optimizer, *states)
+    if not env.distributed and any(isinstance(k, int) for k in states[1].get("state", {})):
+        model.load_state_dict(states[0])       # written before 2026-11-27: optimizer state by index
+        optimizer.load_state_dict(states[1])
+    else:
+        load_training_state(model, optimizer, *states)
     if payload is not None:
         torch.set_rng_state(payload["torch_rng"])
     return counters

@@ -125,6 +125,35 @@ def test_stop_checkpoints_the_step_it_was_asked_at_and_resumes_from_there(tiny_d
     assert train_steps == list(range(1, 17))
 
 
+def test_a_checkpoint_of_the_older_format_still_resumes(tiny_data, tmp_path):
+    """Checkpoints written before the name-keyed format (optimizer state by index)."""
+    from polar.trainer import _shape
+
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
+    full = fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", NullSink(), progress=False)
+    from polar.trainer import Preempted
+
+    half = _model(special)
+    with pytest.raises(Preempted):                             # a checkpoint at step 1 ...
+        fit(half, train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(), progress=False,
+            stop=lambda: True)
+    new = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    optimizer = torch.optim.AdamW(half.parameters())
+    optimizer.load_state_dict(_index_keyed(new["optimizer"], half))
+    torch.save({**new, "model": half.state_dict(), "optimizer": optimizer.state_dict(), "shape": _shape(half)},
+               tmp_path / "cut" / CHECKPOINT)                   # ... rewritten as the old format did
+    resumed = fit(_model(special, seed=5), train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(),
+                  progress=False)
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+
+
+def _index_keyed(optim_state: dict, model) -> dict:
+    names = [n for n, _ in model.named_parameters()]
+    return {"state": {names.index(k): v for k, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [names.index(k) for k in g["params"]]} for g in optim_state["param_groups"]]}
+
+
 def test_a_kill_before_the_checkpoint_loses_no_metric_point(tiny_data, tmp_path, monkeypatch):
     """Metrics are flushed before the checkpoint is written: a kill between the two re-runs
     the steps, and SkipLogged keeps the history free of repeats and gaps."""
