@@ -233,15 +233,21 @@ def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None)
     if counters.get("shape") != _shape(model):
         raise ValueError(f"checkpoint {path} is for model shape {counters.get('shape')}, not "
                          f"{_shape(model)}; delete it or point the run elsewhere")
-    states = (payload["model"], payload["optimizer"]) if payload is not None else ({}, {})
-    if not env.distributed and any(isinstance(k, int) for k in states[1].get("state", {})):
-        model.load_state_dict(states[0])       # written before 2026-11-27: optimizer state by index
-        optimizer.load_state_dict(states[1])
-    else:
-        load_training_state(model, optimizer, *states)
+    states = (payload["model"], _by_name(payload["optimizer"], model)) if payload is not None else ({}, {})
+    load_training_state(model, optimizer, *states)
     if payload is not None:
         torch.set_rng_state(payload["torch_rng"])
     return counters
+
+
+def _by_name(optim_state: dict, model) -> dict:
+    """Optimizer state keyed by parameter name; checkpoints written before 2026-11-27
+    keyed it by the parameter's index in model.parameters() (the optimizer's order)."""
+    names = [name for name, _ in unwrap(model).named_parameters()]
+    if not any(isinstance(k, int) for k in optim_state.get("state", {})):
+        return optim_state
+    return {"state": {names[i]: v for i, v in optim_state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]]}
 
 
 def _shape(model) -> list[int]:

@@ -19,6 +19,7 @@ from sweeps.derive import Plan, local_refusal, plan_run
 from sweeps.schema import JobConfig
 from sweeps.tracker import ENV_SWEEP_ID, Tracker, git_sha
 
+WAIT_FOR_REQUEUE_S = 600                    # how long ranks > 0 wait for rank 0's requeue to end them
 PROGRESS_LINE_ENV = "POLAR_PROGRESS_LINE"   # the terminal line of this job's progress bar (parallel jobs)
 
 
@@ -250,13 +251,16 @@ class RequeueSignal:
     def hand_over(self, env) -> None:
         """submitit's handler: on rank 0 it requeues the job and exits; on the other ranks
         it returns, and they wait for the requeue to end them (exiting first would make
-        srun end rank 0 before it has requeued)."""
+        srun end rank 0 before it has requeued), at most WAIT_FOR_REQUEUE_S."""
         import time
 
         self.restore()
-        self.previous(*self.received)
-        while not env.is_main:
+        # all ranks stop together (any_rank): this one may not have received the signal yet
+        self.previous(*(self.received or (self.signum, None)))
+        deadline = time.monotonic() + WAIT_FOR_REQUEUE_S
+        while not env.is_main and time.monotonic() < deadline:
             time.sleep(5)
+        raise SystemExit(f"rank {env.rank}: stopped for a requeue that did not come within {WAIT_FOR_REQUEUE_S} s")
 
 
 def _on_main(env, make):

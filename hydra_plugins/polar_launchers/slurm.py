@@ -286,11 +286,13 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
             return failed, f"ended {state} without a result"
         try:
             # a job of several tasks (one per GPU) trains one model: every task must end
-            # well, and rank 0's return is the job's (the others return the same run)
-            ret = job.results()[0] if job.num_tasks > 1 else job.result()
+            # well; rank 0's return is the job's, unless another task's failed
+            rets = job.results() if job.num_tasks > 1 else [job.result()]
         except (FailedJobError, UncompletedJobError) as err:
             failed._return_value = err
             return failed, f"failed ({job.state}): {_last_line(str(err))}"
+        bad = [r for r in rets if isinstance(r, JobReturn) and r.status == JobStatus.FAILED]
+        ret = bad[0] if bad else rets[0]
         if isinstance(ret, JobReturn) and ret.status == JobStatus.FAILED:
             err = ret._return_value
             return ret, f"raised {type(err).__name__}: {_last_line(str(err))}"
