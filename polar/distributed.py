@@ -7,7 +7,7 @@ and ending the process group (`init_distributed`, `shutdown`: nccl on CUDA, gloo
 CPU); wrapping a model for data parallelism (`wrap_model`: DDP, or FSDP2's fully_shard
 per decoder layer and at the root, for models whose weights and AdamW state do not fit
 one GPU); and the small collectives a data-parallel trainer needs (`shard`,
-`mean_across`, `any_rank`, `barrier`, `broadcast_object`, `no_grad_sync`, `full_state_dict`, and
+`mean_across`, `any_rank`, `broadcast_object`, `on_main`, `no_grad_sync`, `full_state_dict`, and
 `training_state` / `load_training_state` for checkpoints that any world size resumes). A single process (no launcher) is world size 1 and
 every helper is then a no-op, so the same code runs on a laptop.
 """
@@ -199,12 +199,6 @@ def any_rank(flag: bool) -> bool:
     return bool(tensor.item())
 
 
-def barrier() -> None:
-    """Wait for every rank (nothing for one process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def broadcast_object(value):
     """Rank 0's value on every rank (a decision only rank 0 can make, such as whether the
     run already finished); the value itself for one process."""
@@ -213,6 +207,27 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(make, env: DistEnv | None = None):
+    """make() on rank 0 only (None on the others), for work only rank 0 does (files,
+    tracking). Should it raise, every rank raises, instead of the others waiting in
+    their next collective until the process group times out."""
+    env = env or dist_env()
+    if not env.distributed:
+        return make()
+    value, error = None, None
+    if env.is_main:
+        try:
+            value = make()
+        except BaseException as err:   # noqa: BLE001 - re-raised below, after telling the others
+            error = err
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RuntimeError(f"rank 0 failed: {failed}")
+    return value
 
 
 @contextmanager

@@ -28,12 +28,12 @@ from polar.data import TokenTriplets, batch_order, naive_batch
 from polar.distributed import (
     DistEnv,
     any_rank,
-    barrier,
     broadcast_object,
     dist_env,
     load_training_state,
     mean_across,
     no_grad_sync,
+    on_main,
     shard,
     training_state,
     unwrap,
@@ -189,14 +189,14 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             # metrics first: a kill between the two re-runs these steps from the older
             # checkpoint, and the sink drops points already logged (tracking.SkipLogged);
             # the other order would lose them
-            sink.log_many(buffer)
+            on_main(lambda: sink.log_many(buffer), env)
             buffer = []
             save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
                             val_loss=val_loss, val_acc=val_acc)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
         if stop is not None and step < steps and any_rank(stop()):
             if buffer:               # not an evaluation step, which has just been checkpointed
-                sink.log_many(buffer)
+                on_main(lambda: sink.log_many(buffer), env)
                 save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
                                 val_loss=val_loss, val_acc=val_acc)
             bar.close()
@@ -210,14 +210,16 @@ def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None,
     rank 0; a collective when there are several ranks (every rank calls it)."""
     env = env or dist_env()
     model_state, optim_state = training_state(model, optimizer)
-    if env.is_main:
+
+    def write():
         run_dir.mkdir(parents=True, exist_ok=True)
         payload = {"model": model_state, "optimizer": optim_state, "torch_rng": torch.get_rng_state(),
                    "shape": _shape(model), **state}
         tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
         torch.save(payload, tmp)
         os.replace(tmp, run_dir / CHECKPOINT)
-    barrier()
+
+    on_main(write, env)
 
 
 def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None) -> dict:
@@ -225,7 +227,7 @@ def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None)
     Rank 0 reads the file and broadcasts the states; the counters reach every rank."""
     env = env or dist_env()
     path = Path(run_dir) / CHECKPOINT
-    payload = torch.load(path, weights_only=True, map_location="cpu") if env.is_main and path.exists() else None
+    payload = on_main(lambda: torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None, env)
     counters = broadcast_object(None if payload is None else
                                 {k: v for k, v in payload.items() if k not in ("model", "optimizer", "torch_rng")})
     if counters is None:

@@ -169,10 +169,10 @@ def run_job(job: JobConfig, job_index: str = "") -> dict:
 
 
 def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, env, job_index: str) -> dict:
-    from polar.distributed import broadcast_object
+    from polar.distributed import broadcast_object, on_main
     from polar.trainer import Preempted
 
-    tracker = _on_main(env, lambda: Tracker.open(job, key, name, run_dir))
+    tracker = on_main(lambda: Tracker.open(job, key, name, run_dir), env)
     finished = broadcast_object((tracker.finished, tracker.final_loss) if env.is_main else None)
     if finished[0]:
         if env.is_main:
@@ -263,25 +263,6 @@ class RequeueSignal:
         raise SystemExit(f"rank {env.rank}: stopped for a requeue that did not come within {WAIT_FOR_REQUEUE_S} s")
 
 
-def _on_main(env, make):
-    """make() on rank 0 (None elsewhere). Should it fail, every rank raises, instead of
-    the others waiting for rank 0 until the process group times out."""
-    from polar.distributed import broadcast_object
-
-    value, error = None, None
-    if env.is_main:
-        try:
-            value = make()
-        except Exception as err:   # noqa: BLE001 - re-raised below on every rank
-            error = err
-    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    if failed is not None:
-        raise RuntimeError(f"rank 0 failed: {failed}")
-    return value
-
-
 def _fail_on_sigterm():
     """Outside SLURM (whose SIGTERM submitit handles for preemption), a SIGTERM (kill,
     systemd, a closed session) ends the job through its failure path, so that its run is
@@ -311,23 +292,20 @@ def _pretrain_inputs(job: JobConfig, plan: Plan) -> tuple:
 
 def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker | None, env,
            stop=None):
-    from polar.distributed import barrier, device_for, wrap_model
+    from polar.distributed import device_for, on_main, wrap_model
     from polar.model import set_attention
     from polar.packing import attention_for
     from polar.tracking import NullSink
     from polar.trainer import fit
 
     inputs = _finetune_inputs if job.stage == "finetune" else _pretrain_inputs
-    if not env.is_main:
-        barrier()                 # rank 0 synthesizes (or reads) the shared data first
-    model, data = inputs(job, plan)
-    if env.is_main:
-        barrier()
+    # rank 0 synthesizes (or reads) the shared data first, then the others read it
+    built = on_main(lambda: inputs(job, plan), env)
+    model, data = built if env.is_main else inputs(job, plan)
     params = run_params(job, plan, key, data["data_id"])
     if job.stage == "finetune":
         params.update(stage="finetune", init_from=str(Path(job.finetune.init_from).resolve()))
-    if tracker is not None:
-        tracker.start(params)
+    on_main(lambda: tracker.start(params), env)
     train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size, parallel=plan.parallel)
     device = device_for(env)
     model = set_attention(model.to(device), attention_for(device, train_cfg.packing))
@@ -338,21 +316,22 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
                  position=int(line) if line is not None else None, env=env, stop=stop)
     model_dir = run_dir / "model"
     save_model(model, data["tokenizer"], model_dir, env)
-    if tracker is not None:
-        tracker.complete(result, model_dir, log_model=plan.n_params < 1e9)
+    on_main(lambda: tracker.complete(result, model_dir, log_model=plan.n_params < 1e9), env)
     return result
 
 
 def save_model(model, tokenizer, model_dir: Path, env) -> None:
     """The trained model in the Hugging Face folder format, tokenizer beside it, written
     by rank 0 from the unsharded weights (gathering them is a collective)."""
-    from polar.distributed import barrier, full_state_dict, unwrap
+    from polar.distributed import full_state_dict, on_main, unwrap
 
     state = full_state_dict(model, rank0_only=True) if env.distributed else None
-    if env.is_main:
+
+    def write():
         unwrap(model).save_pretrained(model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)
-    barrier()
+
+    on_main(write, env)
 
 
 def prepare_data(job: JobConfig) -> dict:

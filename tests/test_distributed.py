@@ -158,10 +158,10 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
     ddp = wrap_model(_fresh_model(), "ddp", env)
     result = _fit(ddp, FIT_RUNS["ddp"], f"{out}/ddp", env=env)
     torch.save({"val_loss": result.val_loss}, f"{out}/ddp-rank{rank}.pt")
-    try:
+    try:   # rank 0's sink raises; rank 1 learns it at once (polar.distributed.on_main) and raises too
         _fit(wrap_model(_fresh_model(), "fsdp", env), FIT_RUNS["fsdp"], f"{out}/fsdp", CutAfter(2), env)
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, RuntimeError) as err:
+        torch.save({"error": f"{type(err).__name__}: {err}"}, f"{out}/fsdp-rank{rank}.pt")
     shutdown()
 
 
@@ -188,6 +188,8 @@ def test_two_rank_fit_ends_like_one_process(two_rank_fits, tmp_path):
 
 def test_a_checkpoint_written_by_two_sharded_ranks_resumes_in_one_process(two_rank_fits, tmp_path):
     cut = two_rank_fits / "fsdp"
+    errors = [torch.load(two_rank_fits / f"fsdp-rank{r}.pt", weights_only=True)["error"] for r in (0, 1)]
+    assert errors == ["KeyboardInterrupt: cut", "RuntimeError: rank 0 failed: KeyboardInterrupt: cut"]
     saved = torch.load(cut / CHECKPOINT, weights_only=True)
     assert saved["step"] == 2                                    # the first of 4 evaluations at steps 2, 4, 6, 8
     assert "model.layers.0.mlp.up_proj.weight" in saved["model"]  # unsharded, keyed by parameter name
