@@ -71,6 +71,16 @@ def _int(env: Mapping[str, str], name: str, default: str | None = None) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an integer") from None
 
 
+def _grouped() -> bool:
+    """Whether this process is in a process group (several ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _for_backend(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor where the group's backend can reduce it (nccl: on the GPU)."""
+    return tensor.cuda() if dist.get_backend() == "nccl" else tensor
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[007-009,012],cpu1" -> "gpu007"."""
     head = _split_top_level(nodelist.strip())[0]
@@ -166,11 +176,9 @@ def shard(batch, env: DistEnv | None = None):
 
 def mean_across(value: float) -> float:
     """The mean of a number over all ranks (the global loss from per-rank losses)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return float(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _for_backend(torch.tensor([float(value)], dtype=torch.float64))
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()
 
@@ -181,7 +189,7 @@ def full_state_dict(model: torch.nn.Module, rank0_only: bool = False) -> dict[st
     for plain, DDP-wrapped and fully_shard-ed models. A collective with several ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=rank0_only)
     state = get_model_state_dict(unwrap(model), options=options)
@@ -190,11 +198,9 @@ def full_state_dict(model: torch.nn.Module, rank0_only: bool = False) -> dict[st
 
 def any_rank(flag: bool) -> bool:
     """Whether the flag is set on any rank (so that all ranks act on it at the same step)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return bool(flag)
-    tensor = torch.tensor([int(bool(flag))])
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
+    tensor = _for_backend(torch.tensor([int(bool(flag))]))
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -202,7 +208,7 @@ def any_rank(flag: bool) -> bool:
 def broadcast_object(value):
     """Rank 0's value on every rank (a decision only rank 0 can make, such as whether the
     run already finished); the value itself for one process."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _grouped():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -254,7 +260,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     ranks only rank 0 gets the tensors (the others get empty dicts)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = _grouped()
     options = StateDictOptions(full_state_dict=True, cpu_offload=distributed)
     model_state, optim_state = get_state_dict(unwrap(model), optimizer, options=options)
     if not distributed:
@@ -268,7 +274,7 @@ def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     broadcast (the others may pass empty dicts), so only rank 0 needs to read the file."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = _grouped()
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed)
     set_state_dict(unwrap(model), optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=options)

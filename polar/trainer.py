@@ -5,8 +5,8 @@ resumed from its checkpoint sees the same batches as an uninterrupted one. Metri
 to a MetricSink; train metrics are buffered and flushed at each evaluation, just before
 the checkpoint.
 
-Data parallelism (processes started by torchrun or SLURM, `polar.distributed`): fit
-wraps the model (DDP, or FSDP2 for models that do not fit one GPU), each rank trains on
+Data parallelism (processes started by torchrun or SLURM, `polar.distributed`): the
+caller wraps the model (DDP, or FSDP2 for models that do not fit one GPU), each rank trains on
 its contiguous share of every global batch, every rank evaluates the whole validation
 set (fully_shard needs all ranks in every forward), and rank 0 writes the checkpoint,
 whose unsharded states resume on any number of ranks.
@@ -170,6 +170,16 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
     val_loss, val_acc = state.get("val_loss", float("nan")), state.get("val_acc", float("nan"))
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
                mininterval=2, position=position)
+
+    def flush_and_checkpoint():
+        # metrics first: a kill between the two re-runs these steps from the older
+        # checkpoint, and the sink drops points already logged (tracking.SkipLogged);
+        # the other order would lose them
+        on_main(lambda: sink.log_many(list(buffer)), env)
+        buffer.clear()
+        save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
+                        val_loss=val_loss, val_acc=val_acc)
+
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
@@ -186,19 +196,11 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
             buffer.append(({"val/loss": val_loss, "val/acc": val_acc, "tokens_seen": tokens_seen,
                             "flops_seen": tokens_seen * flops_per_token}, step))
-            # metrics first: a kill between the two re-runs these steps from the older
-            # checkpoint, and the sink drops points already logged (tracking.SkipLogged);
-            # the other order would lose them
-            on_main(lambda: sink.log_many(buffer), env)
-            buffer = []
-            save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
-                            val_loss=val_loss, val_acc=val_acc)
+            flush_and_checkpoint()
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
         if stop is not None and step < steps and any_rank(stop()):
             if buffer:               # not an evaluation step, which has just been checkpointed
-                on_main(lambda: sink.log_many(buffer), env)
-                save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
-                                val_loss=val_loss, val_acc=val_acc)
+                flush_and_checkpoint()
             bar.close()
             raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()

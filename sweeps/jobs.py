@@ -119,7 +119,6 @@ def _model_identity(path: str) -> dict:
 
 
 def _finetune_inputs(job: JobConfig, plan: Plan) -> tuple:
-
     from polar.model import load_model
     from polar.tokenizer import special_ids
 

@@ -3,7 +3,6 @@ like one process on the same global batch: a train step, and `fit` with its
 checkpoints (written by two ranks, resumed by one)."""
 
 import random
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from polar.distributed import DistEnv, dist_env, first_host, shard, wrap_model
 from polar.model import build_model
 from polar.tracking import NullSink
 from polar.trainer import CHECKPOINT, evaluate, fit, train_step
+from tests.mlflow_server import free_port
 
 SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}
 SHAPE = ModelConfig(name="t", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -75,15 +75,29 @@ def _fresh_model():
     return build_model(SHAPE)
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _spawn_two(worker, out) -> None:
+    """worker(rank, world, port, out) in two spawned processes."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+
+
+def _join_group(rank: int, world: int, port: int):
+    """In a spawned worker: one thread, torchrun's variables, the gloo process group."""
     import os
 
-    from polar.distributed import full_state_dict, init_distributed, mean_across, shutdown
+    from polar.distributed import init_distributed
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env = init_distributed()
+    return init_distributed()
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    from polar.distributed import full_state_dict, mean_across, shutdown
+
+    env = _join_group(rank, world, port)
     result = {}
     for mode, packing in RUNS.items():
         model = wrap_model(_fresh_model(), mode, env)
@@ -96,13 +110,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Both parallel modes trained by two gloo processes; their saved results per rank."""
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("dist")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    _spawn_two(_worker, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
@@ -147,14 +156,9 @@ def _fit(model, cfg, run_dir, sink=None, env=None):
 
 
 def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
-    import os
+    from polar.distributed import shutdown
 
-    from polar.distributed import init_distributed, shutdown
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    env = init_distributed()
+    env = _join_group(rank, world, port)
     ddp = wrap_model(_fresh_model(), "ddp", env)
     result = _fit(ddp, FIT_RUNS["ddp"], f"{out}/ddp", env=env)
     torch.save({"val_loss": result.val_loss}, f"{out}/ddp-rank{rank}.pt")
@@ -167,13 +171,8 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_fits(tmp_path_factory):
-    import torch.multiprocessing as mp
-
     out = tmp_path_factory.mktemp("fit")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fit_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    _spawn_two(_fit_worker, out)
     return out
 
 
