@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from sweeps.derive import Plan, ResourcesConfig
+from sweeps.jobs import plan_of
 from sweeps.launch import (
     PlannedJob,
     Shape,
@@ -38,16 +39,20 @@ def sweep(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def plan_for(*overrides: str) -> Plan:
-    """The plan of one job as the sweep composes it (in this process, with Hydra's compose API)."""
+def job_config(*overrides: str) -> JobConfig:
+    """One job's config as the sweep composes it (in this process, with Hydra's compose API)."""
     from hydra import compose, initialize_config_dir
 
-    from sweeps.jobs import plan_of
     from sweeps.schema import register, to_job_config
 
     register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return plan_of(to_job_config(compose("config", list(overrides))))
+        return to_job_config(compose("config", list(overrides)))
+
+
+def plan_for(*overrides: str) -> Plan:
+    """The plan of one job as the sweep composes it."""
+    return plan_of(job_config(*overrides))
 
 
 # ------------------------------------------------------------------ dryrun
@@ -77,6 +82,20 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
     assert "nothing started" in out.stdout
     # no MLflow, no training, no run folders
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_demo_ladder_spans_30x_in_one_pass_over_its_data(tmp_path):
+    """The acceptance bar of `make demo`: >= 5 sizes spanning >= 30x in parameters, and
+    each run sees every training triplet at most once (no repeats inflate the fits)."""
+    out = sweep(tmp_path, "+experiment=cpu_ladder", "hydra/launcher=dryrun")
+    assert out.returncode == 0, out.stderr[-3000:]
+    models = sorted({line.split()[1] for line in out.stdout.splitlines() if line[:1].isdigit()})
+    jobs = [job_config("+experiment=cpu_ladder", f"model={m}") for m in models]
+    sizes = [plan_of(job).n_params for job in jobs]
+    assert len(models) >= 5 and max(sizes) / min(sizes) >= 30, dict(zip(models, sizes))
+    for job in jobs:
+        plan = plan_of(job)
+        assert plan.steps * plan.batch_size <= job.data.n_train, (plan.model, plan.steps, job.data.n_train)
 
 
 def test_every_bad_job_is_listed_and_nothing_starts(tmp_path):

@@ -1,7 +1,10 @@
 """The reward model: parameter and FLOP accounting, value head, HF save/load."""
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from polar.config import ModelConfig
 from polar.model import build_model, flops_per_token, load_model, n_params, n_params_nonembed
@@ -25,6 +28,19 @@ def test_internlm_shapes_have_their_published_sizes():
     # 6N dominates at short context; attention adds 12*L*d*S
     assert flops_per_token(seven, 4096) - flops_per_token(seven, 0) == 12 * 32 * 4096 * 4096
     assert abs(flops_per_token(seven, 0) / (6 * n_params_nonembed(seven)) - 1) < 1e-3
+
+
+PRESETS = sorted((Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
+SCALE = {"k": 1e3, "m": 1e6, "b": 1e9}
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_has_the_size_its_name_says(path):
+    """conf/model/<size>.yaml: the name is the parameter count (embeddings included) within 25%."""
+    cfg = ModelConfig(**yaml.safe_load(path.read_text()))
+    assert cfg.name == path.stem
+    named = float(cfg.name[:-1]) * SCALE[cfg.name[-1]]
+    assert 0.8 < n_params(cfg) / named < 1.25, (cfg.name, n_params(cfg))
 
 
 def test_value_head_reads_chosen_position():
