@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -149,14 +150,18 @@ def _autocast(cfg: TrainConfig, device):
 def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
         steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
-        stop: Callable[[], bool] | None = None) -> FitResult:
+        stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> FitResult:
     """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present.
     position: the terminal line of the progress bar when several jobs share a terminal.
     stop: asked after every step (on every rank); when it says so on any rank, fit logs,
     checkpoints that step and raises Preempted (a job about to be requeued by SLURM).
     With several ranks (env), pass the model wrapped by `polar.distributed.wrap_model`
     and the real sink on rank 0 only (a NullSink elsewhere); cfg.batch_size is the
-    global batch, of which each rank trains on its share."""
+    global batch, of which each rank trains on its share.
+    Each evaluation also logs the training throughput since the previous one
+    (throughput/tokens_per_s, all ranks together, evaluation and checkpoints excluded)
+    and, where the peak FLOP/s of one device is given (peak_flops), the model FLOPs
+    utilisation (mfu)."""
     from tqdm import tqdm
 
     env = env or dist_env()
@@ -180,6 +185,7 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
                         val_loss=val_loss, val_acc=val_acc)
 
+    mark = (time.perf_counter(), tokens_seen)        # throughput since the last evaluation
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
@@ -193,10 +199,13 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         buffer.append(({"train/loss": loss, "lr": optimizer.param_groups[0]["lr"]}, step))
         bar.update(1)
         if step in evals:
+            speed = throughput(tokens_seen - mark[1], time.perf_counter() - mark[0], flops_per_token,
+                               peak_flops, env.world_size)
             val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
             buffer.append(({"val/loss": val_loss, "val/acc": val_acc, "tokens_seen": tokens_seen,
-                            "flops_seen": tokens_seen * flops_per_token}, step))
+                            "flops_seen": tokens_seen * flops_per_token, **speed}, step))
             flush_and_checkpoint()
+            mark = (time.perf_counter(), tokens_seen)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
         if stop is not None and step < steps and any_rank(stop()):
             if buffer:               # not an evaluation step, which has just been checkpointed
@@ -205,6 +214,19 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return FitResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+
+
+def throughput(tokens: int, seconds: float, flops_per_token: float, peak_flops: float | None,
+               world_size: int = 1) -> dict[str, float]:
+    """Metrics of training speed: tokens per second, and the model FLOPs utilisation
+    (achieved FLOP/s over the peak of all devices) where the peak of one is known."""
+    if seconds <= 0 or tokens <= 0:
+        return {}
+    rate = tokens / seconds
+    out = {"throughput/tokens_per_s": rate}
+    if peak_flops:
+        out["mfu"] = rate * flops_per_token / (peak_flops * world_size)
+    return out
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None, **state) -> None:

@@ -312,7 +312,8 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, track
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
                  plan.flops_per_token, run_dir, tracker.sink if tracker is not None else NullSink(), desc=name,
-                 position=int(line) if line is not None else None, env=env, stop=stop)
+                 position=int(line) if line is not None else None, env=env, stop=stop,
+                 peak_flops=job.resources.gpu_peak_flops if device.type == "cuda" else None)
     model_dir = run_dir / "model"
     save_model(model, data["tokenizer"], model_dir, env)
     on_main(lambda: tracker.complete(result, model_dir, log_model=plan.n_params < 1e9), env)

@@ -45,10 +45,13 @@ def test_both_runs_land_in_mlflow_with_the_contract_names(finished_sweep):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert {"model", "n_params", "n_params_nonembed", "flops_per_token", "tokens", "compute", "lr",
                 "batch_size", "seq_len", "seed", "data_id", "run_key", "sweep_id", "git_sha"} <= set(run.data.params)
-        assert {"train/loss", "val/loss", "val/acc", "tokens_seen", "flops_seen", "val/loss_final"} <= set(run.data.metrics)
+        assert {"train/loss", "val/loss", "val/acc", "tokens_seen", "flops_seen", "throughput/tokens_per_s",
+                "val/loss_final"} <= set(run.data.metrics)
+        assert "mfu" not in run.data.metrics                 # no peak FLOP/s known for a CPU
         val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")]
         flop_steps = [m.step for m in client.get_metric_history(run.info.run_id, "flops_seen")]
-        assert val_steps == flop_steps and len(val_steps) == 2
+        speed_steps = [m.step for m in client.get_metric_history(run.info.run_id, "throughput/tokens_per_s")]
+        assert val_steps == flop_steps == speed_steps and len(val_steps) == 2
         assert Path(run.data.tags["checkpoint_dir"], "model", "model.safetensors").exists()
 
 

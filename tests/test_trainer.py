@@ -8,7 +8,7 @@ import torch
 from polar.config import ModelConfig, TrainConfig
 from polar.model import build_model, flops_per_token
 from polar.tracking import NullSink
-from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at
+from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at, throughput
 
 TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1,
                    intermediate_size=64, vocab_size=512)
@@ -65,6 +65,15 @@ def test_training_lowers_validation_loss(easy_data, tmp_path):
     vals = [(m, s) for m, s in sink.points if "val/loss" in m]
     assert [s for _, s in vals] == eval_steps(64, 3, "log")
     assert all(m["flops_seen"] == pytest.approx(m["tokens_seen"] * flops_per_token(TINY, 40)) for m, _ in vals)
+    # every evaluation logs the training speed since the previous one; no MFU without a peak
+    assert all(m["throughput/tokens_per_s"] > 0 and "mfu" not in m for m, _ in vals)
+
+
+def test_throughput_and_mfu():
+    assert throughput(3000, 2.0, 100.0, None) == {"throughput/tokens_per_s": 1500.0}
+    both = throughput(3000, 2.0, 100.0, peak_flops=1e6, world_size=3)
+    assert both["mfu"] == pytest.approx(1500 * 100 / 3e6)
+    assert throughput(0, 2.0, 100.0, 1e6) == {} and throughput(10, 0.0, 100.0, 1e6) == {}
 
 
 class Stop(Exception):
