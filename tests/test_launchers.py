@@ -21,6 +21,7 @@ from sweeps.launch import (
     cpu_minutes,
     group_by_shape,
     job_table,
+    largest_first,
     local_workers,
     plan_sweep,
     shape_of,
@@ -284,6 +285,12 @@ def test_n_jobs_is_a_cap_and_bad_values_are_named():
     for bad in (0, -1, "two", 1.5, True):
         with pytest.raises(SweepError, match=f"n_jobs={bad!r}"):
             local_workers(bad, jobs, cpus=2, memory_gb=8)
+
+
+def test_the_largest_jobs_start_first_and_ties_keep_their_order():
+    jobs = [planned(i, fake_plan(f"m{i}", 0, compute=c)) for i, c in enumerate([1e12, 5e12, 3e12, 5e12, 1e12])]
+    assert largest_first(jobs) == [1, 3, 2, 0, 4]
+    assert largest_first([]) == []
 
 
 def test_bad_n_jobs_fails_the_sweep_before_training(tmp_path):

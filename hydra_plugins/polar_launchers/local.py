@@ -9,7 +9,8 @@ them to the cores when every job pins `train.threads` (a sweep of 1-thread jobs 
 2-core laptop runs 2 at a time) and to the memory (sweeps.launch.local_workers). One at
 a time is Hydra's BasicLauncher, in this process. Several at a time: the shared data are
 synthesized once here first, then each job runs in a fresh process (spawned, so no
-torch or MLflow state is shared), with its progress bar on a line of its own.
+torch or MLflow state is shared), with its progress bar on a line of its own; the jobs
+with the most planned compute start first, so that no long job runs alone at the end.
 """
 
 from __future__ import annotations
@@ -46,14 +47,16 @@ class LocalLauncher(BasicLauncher):
 
     def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
         from sweeps.jobs import finished_locally, prepare_shared_data
+        from sweeps.launch import largest_first
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         results: dict[int, JobReturn] = {}
         queue = []
-        for i, (overrides, p) in enumerate(zip(job_overrides, planned)):
-            if finished_locally(p.job):   # skipped in a moment here; a worker would take seconds to start
+        for i in largest_first(planned):
+            overrides = job_overrides[i]
+            if finished_locally(planned[i].job):   # skipped in a moment here; a worker would take seconds to start
                 results[i] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
                                      config=self._sweep_config(overrides, initial_job_idx + i),
                                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
@@ -61,7 +64,8 @@ class LocalLauncher(BasicLauncher):
                 queue.append((i, overrides))
         if queue:
             prepare_shared_data([planned[i].job for i, _ in queue])   # once, not by every worker at once
-            print(f"[local launcher] {len(queue)} jobs, {min(workers, len(queue))} at a time", flush=True)
+            print(f"[local launcher] {len(queue)} jobs, {min(workers, len(queue))} at a time, "
+                  "the largest first", flush=True)
             results.update(self._run_in_workers(queue, initial_job_idx, workers))
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [results[i] for i in range(len(job_overrides))]
