@@ -75,6 +75,18 @@ def size_points(records: pd.DataFrame) -> pd.DataFrame:
     return records.loc[idx].sort_values("n_params").reset_index(drop=True)
 
 
+def mixed_budget_note(sizes: pd.DataFrame) -> str | None:
+    """A warning when the size points (each size's best run) differ in their token
+    budget: the N fit then compares budgets as well as sizes."""
+    tokens = sorted({float(t) for t in sizes.get("tokens", pd.Series(dtype=float)).dropna()})
+    if len(tokens) < 2:
+        return None
+    return (f"the sizes' points come from runs of {len(tokens)} token budgets "
+            f"({', '.join(f'{t:.3g}' for t in tokens)}): the fit in N compares each size's best run, "
+            "not the sizes at one budget. For a law at one budget, give those runs an experiment of "
+            "their own (experiment_name=...), or remove older runs (make clean-demo for the demo).")
+
+
 def frontier_points(records: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
     """The lower envelope of the validation curves; the records' own points when the
     curves give fewer than 3."""
@@ -282,6 +294,9 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     lines += [f"| {r['model']} | {_fmt(r['n_params'])} | {_fmt(r['tokens'])} | {_fmt(r['loss'])} | "
               f"{_fmt(r['loss_std']) if r['n_seeds'] > 1 else '–'} | {r['n_seeds']} |" for r in fj["size_points"]]
     lines.append("")
+    note = mixed_budget_note(pd.DataFrame(fj["size_points"]))
+    if note:
+        lines += [f"**Note:** {note[0].upper()}{note[1:]}", ""]
     if "loss_vs_params" in images:
         lines += [f"![loss vs N]({images['loss_vs_params']})", ""]
     if "loss_vs_compute" in fits:
@@ -410,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"the files in {out_dir} are complete", file=sys.stderr)
             status = 1
     sf = an["size_fit"]
+    note = mixed_budget_note(an["sizes"])
+    if note:
+        print(f"analysis.report: note: {note}", file=sys.stderr)
     print(f"L = {sf.params['a']:.4g} N^{sf.params['b']:.5f}  (R^2 = {sf.r2:.4f})")
     if "compute_fit" in an:
         cf = an["compute_fit"]

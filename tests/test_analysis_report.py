@@ -45,6 +45,16 @@ def test_isoflop_grid_report(tmp_path):
     assert fj["fits"]["n_opt_vs_compute"]["params"]["b"] == pytest.approx(0.28 / 0.62, rel=0.2)  # beta/(alpha+beta)
     md = (tmp_path / "report.md").read_text()
     assert "## IsoFLOP minima" in md and "Chinchilla law (Approach 3)" in md and "![isoflop](isoflop.png)" in md
+    assert "**Note:** The sizes' points come from runs of" in md     # each size's best run has its own budget
+
+
+def test_mixed_budget_note_names_the_budgets():
+    from analysis.report import mixed_budget_note
+
+    one = pd.DataFrame({"n_params": [1e4, 1e5], "tokens": [3.6e6, 3.6e6]})
+    assert mixed_budget_note(one) is None
+    two = pd.DataFrame({"n_params": [1e4, 1e5, 1e6], "tokens": [3.6e6, 3.6e6, 1.8e6]})
+    assert "2 token budgets (1.8e+06, 3.6e+06)" in mixed_budget_note(two)
 
 
 def test_one_size_is_not_enough():
