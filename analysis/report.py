@@ -81,7 +81,7 @@ def mixed_budget_note(sizes: pd.DataFrame) -> str | None:
     tokens = sorted({float(t) for t in sizes.get("tokens", pd.Series(dtype=float)).dropna()})
     if len(tokens) < 2:
         return None
-    return (f"the sizes' points come from runs of {len(tokens)} token budgets "
+    return (f"The sizes' points come from runs of {len(tokens)} token budgets "
             f"({', '.join(f'{t:.3g}' for t in tokens)}): the fit in N compares each size's best run, "
             "not the sizes at one budget. For a law at one budget, give those runs an experiment of "
             "their own (experiment_name=...), or remove older runs (make clean-demo for the demo).")
@@ -117,7 +117,7 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
             f"experiment {rec.experiment!r} has finished runs of only {len(sizes)} model size(s) "
             f"({sizes['n_params'].tolist()}); a fit of L = a N^b needs at least 2"
         )
-    out = {"sizes": sizes, "curves": curves, "skipped": {}}
+    out = {"sizes": sizes, "curves": curves, "skipped": {}, "budget_note": mixed_budget_note(sizes)}
     try:
         out["size_fit"] = _fit_power(sizes["n_params"].to_numpy(float), sizes["loss"].to_numpy(float),
                                      k=bootstrap_k, seed=seed)
@@ -235,6 +235,7 @@ def fits_json(rec, an: dict) -> dict:
         "tracking_uri": rec.tracking_uri,
         "fits": fits,
         "size_points": _records(an["sizes"][["model", "n_params", "tokens", "loss", "loss_std", "n_seeds"]]),
+        "size_points_note": an["budget_note"],
         "isoflop_minima": _records(an["isoflop"]),
         "runs": _records(rec.records[["run_id", "model", "n_params", "n_params_nonembed", "tokens", "compute", "loss"]]),
         "failed": [{"name": f.name, "run_id": f.run_id, "status": f.status, "error": f.error} for f in rec.failed],
@@ -294,9 +295,8 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     lines += [f"| {r['model']} | {_fmt(r['n_params'])} | {_fmt(r['tokens'])} | {_fmt(r['loss'])} | "
               f"{_fmt(r['loss_std']) if r['n_seeds'] > 1 else '–'} | {r['n_seeds']} |" for r in fj["size_points"]]
     lines.append("")
-    note = mixed_budget_note(pd.DataFrame(fj["size_points"]))
-    if note:
-        lines += [f"**Note:** {note[0].upper()}{note[1:]}", ""]
+    if fj["size_points_note"]:
+        lines += [f"**Note:** {fj['size_points_note']}", ""]
     if "loss_vs_params" in images:
         lines += [f"![loss vs N]({images['loss_vs_params']})", ""]
     if "loss_vs_compute" in fits:
@@ -425,9 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"the files in {out_dir} are complete", file=sys.stderr)
             status = 1
     sf = an["size_fit"]
-    note = mixed_budget_note(an["sizes"])
-    if note:
-        print(f"analysis.report: note: {note}", file=sys.stderr)
+    if an["budget_note"]:
+        print(f"analysis.report: note: {an['budget_note']}", file=sys.stderr)
     print(f"L = {sf.params['a']:.4g} N^{sf.params['b']:.5f}  (R^2 = {sf.r2:.4f})")
     if "compute_fit" in an:
         cf = an["compute_fit"]

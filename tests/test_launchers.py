@@ -92,10 +92,10 @@ def test_the_demo_ladder_spans_30x_in_one_pass_over_its_data(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     models = sorted({line.split()[1] for line in out.stdout.splitlines() if line[:1].isdigit()})
     jobs = [job_config("+experiment=cpu_ladder", f"model={m}") for m in models]
-    sizes = [plan_of(job).n_params for job in jobs]
+    plans = [plan_of(job) for job in jobs]
+    sizes = [plan.n_params for plan in plans]
     assert len(models) >= 5 and max(sizes) / min(sizes) >= 30, dict(zip(models, sizes))
-    for job in jobs:
-        plan = plan_of(job)
+    for job, plan in zip(jobs, plans):
         assert plan.steps * plan.batch_size <= job.data.n_train, (plan.model, plan.steps, job.data.n_train)
 
 

@@ -291,8 +291,7 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         except (FailedJobError, UncompletedJobError) as err:
             failed._return_value = err
             return failed, f"failed ({job.state}): {_last_line(str(err))}"
-        bad = [r for r in rets if isinstance(r, JobReturn) and r.status == JobStatus.FAILED]
-        ret = bad[0] if bad else rets[0]
+        ret = next((r for r in rets if isinstance(r, JobReturn) and r.status == JobStatus.FAILED), rets[0])
         if isinstance(ret, JobReturn) and ret.status == JobStatus.FAILED:
             err = ret._return_value
             return ret, f"raised {type(err).__name__}: {_last_line(str(err))}"
