@@ -255,7 +255,7 @@ class MLflowSink:
             shout(f"{self.undelivered} metric points of MLflow run {self.run_id} were NOT delivered to "
                   f"{self.uri or 'the default tracking URI'} (last error: {self.last_error}); they are in "
                   "the run's metrics.jsonl: re-run the same job (it resumes and replays them) or replay them "
-                  "with `python -m sweeps.tracker replay RUN_DIR`")
+                  "with `python -m sweeps.runs replay RUN_DIR`")
         return self.undelivered
 
     # ---- state

@@ -16,8 +16,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from sweeps.derive import Plan, local_refusal, plan_run
+from sweeps.runs import ENV_SWEEP_ID, Tracker, git_sha
 from sweeps.schema import JobConfig
-from sweeps.tracker import ENV_SWEEP_ID, Tracker, git_sha
 
 WAIT_FOR_REQUEUE_S = 600                    # how long ranks > 0 wait for rank 0's requeue to end them
 PROGRESS_LINE_ENV = "POLAR_PROGRESS_LINE"   # the terminal line of this job's progress bar (parallel jobs)
@@ -350,7 +350,7 @@ def finished_locally(job: JobConfig) -> bool:
     """Whether the job's run folder says that it finished (its metrics.jsonl ends
     FINISHED); run_job still asks MLflow, this only spares such a job a worker process."""
     from polar.tracking import read_jsonl
-    from sweeps.tracker import METRICS_FILE
+    from sweeps.runs import METRICS_FILE
 
     return read_jsonl(Path(job.paths.runs_dir) / run_key(job) / METRICS_FILE).status == "FINISHED"
 

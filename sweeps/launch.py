@@ -276,22 +276,3 @@ def job_table(jobs: Sequence[PlannedJob]) -> str:
 
 def print_flush(text: str, file=None) -> None:
     print(text, file=file or sys.stdout, flush=True)
-
-
-def terminate_parent_run(reason: str, tracking_uri: Optional[str] = None) -> None:
-    """Mark the sweep's MLflow parent run (created by sweeps.callbacks.MlflowSweep before the
-    launcher runs) FAILED when the sweep stops before or during launch; Hydra does not call
-    on_multirun_end after an error, so it would otherwise stay RUNNING."""
-    from sweeps.tracker import ENV_PARENT_RUN_ID
-
-    run_id = os.environ.get(ENV_PARENT_RUN_ID)
-    if not run_id:
-        return
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        client.set_tag(run_id, "polar.error", reason[:4000])
-        client.set_terminated(run_id, "FAILED")
-    except Exception as err:   # never hide the sweep's own error behind a logging one
-        print(f"could not mark the sweep's MLflow run {run_id} as failed: {err}", file=sys.stderr)

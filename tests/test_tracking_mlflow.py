@@ -160,8 +160,8 @@ def test_a_killed_job_is_marked_failed_then_resumes_into_one_continuous_run(stor
 
 def test_a_failed_run_says_why_and_a_rerun_resumes_it_replaying_what_mlflow_lacks(store, tmp_path, monkeypatch):
     from polar.tracking import JsonlSink
+    from sweeps.runs import Tracker
     from sweeps.schema import JobConfig, TrackingConfig
-    from sweeps.tracker import Tracker
 
     monkeypatch.chdir(store.cwd)           # a sqlite store puts artifacts in ./mlruns
     job = JobConfig(tracking=TrackingConfig(uri=store.uri), experiment_name=f"fail-{store.kind}")
@@ -194,8 +194,8 @@ def test_a_failed_run_says_why_and_a_rerun_resumes_it_replaying_what_mlflow_lack
 
 def test_server_stopped_mid_run_and_restarted_loses_no_point(server, tmp_path, monkeypatch):
     from polar.tracking import MLflowSink, create_run, ensure_experiment
+    from sweeps.runs import Tracker
     from sweeps.schema import JobConfig, TrackingConfig
-    from sweeps.tracker import Tracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # polar's own retries do the work
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")

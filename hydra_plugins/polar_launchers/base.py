@@ -24,7 +24,8 @@ def plan_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Se
     """sweeps.launch.plan_sweep with Hydra's composition; a SweepError also fails the MLflow parent run."""
     from hydra.core.utils import setup_globals
 
-    from sweeps.launch import SweepError, compose_with_hydra, plan_sweep, terminate_parent_run
+    from sweeps.launch import SweepError, compose_with_hydra, plan_sweep
+    from sweeps.runs import terminate_parent_run
 
     setup_globals()
     try:

@@ -120,7 +120,8 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
     # requeued job re-runs run_job, which resumes from its checkpoint.
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sweeps.launch import SweepError, group_by_shape, job_table, print_flush, terminate_parent_run
+        from sweeps.launch import SweepError, group_by_shape, job_table, print_flush
+        from sweeps.runs import terminate_parent_run
 
         assert self.config is not None and self.hydra_context is not None
         start = time.monotonic()
@@ -226,7 +227,8 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
 
     def collect(self, submitted: list) -> list[JobReturn]:
         """Wait for every job; return their JobReturns, or raise SweepFailed naming each failure."""
-        from sweeps.launch import SweepFailed, print_flush, terminate_parent_run, varying_overrides
+        from sweeps.launch import SweepFailed, print_flush, varying_overrides
+        from sweeps.runs import terminate_parent_run
 
         ids = " ".join(job.job_id for _, job in submitted)
         print_flush(f"Waiting for {len(submitted)} jobs ({ids}); Ctrl-C stops waiting, the jobs keep running.")

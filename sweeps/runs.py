@@ -18,7 +18,7 @@ JSONL copy of every metric beside its checkpoints.
 - Config: the resolved job config and the Hydra overrides are logged as artifacts
   config.yaml and overrides.yaml, and written beside the checkpoints.
 
-CLI: `python -m sweeps.tracker replay RUN_DIR [--uri URI]` delivers what a run's
+CLI: `python -m sweeps.runs replay RUN_DIR [--uri URI]` delivers what a run's
 metrics.jsonl holds and its MLflow run lacks. MLflow is imported lazily; with
 tracking.backend=off only the JSONL file is written.
 """
@@ -213,7 +213,7 @@ class Tracker:
         if self.undelivered:
             run_id = self.remote.run_id if self.remote is not None else self.run_id
             note = (f"run {run_id} ({self.run_dir}): {self.undelivered} metric points NOT delivered to "
-                    f"MLflow; replay them with `python -m sweeps.tracker replay {self.run_dir}`")
+                    f"MLflow; replay them with `python -m sweeps.runs replay {self.run_dir}`")
             if not _UNDELIVERED:
                 atexit.register(_last_words)
             _UNDELIVERED.append(note)
@@ -306,10 +306,28 @@ def replay(run_dir: str | Path, uri: str | None = None, timeout: float = 300.0) 
     return sink.pending_points
 
 
+
+def terminate_parent_run(reason: str, tracking_uri: str | None = None) -> None:
+    """Mark the sweep's MLflow parent run (created by sweeps.callbacks.MlflowSweep before the
+    launcher runs) FAILED when the sweep stops before or during launch; Hydra does not call
+    on_multirun_end after an error, so it would otherwise stay RUNNING."""
+    run_id = os.environ.get(ENV_PARENT_RUN_ID)
+    if not run_id:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        client.set_tag(run_id, "polar.error", reason[:4000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception as err:   # never hide the sweep's own error behind a logging one
+        print(f"could not mark the sweep's MLflow run {run_id} as failed: {err}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m sweeps.tracker")
+    ap = argparse.ArgumentParser(prog="python -m sweeps.runs")
     sub = ap.add_subparsers(dest="cmd", required=True)
     rp = sub.add_parser("replay", help="deliver a run's metrics.jsonl points that its MLflow run lacks")
     rp.add_argument("run_dir")
