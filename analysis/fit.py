@@ -16,7 +16,7 @@ Owns how a law (analysis/laws.py) is fitted to points and how sure we are of it:
 - CLI: ``python -m analysis.fit --csv FILE --law power|saturating|chinchilla ...``.
 
 Inputs are plain arrays (``x``; or ``n``, ``d`` for chinchilla); ``records_inputs``
-turns a ScalingRecord frame (analysis/runs.py) into them.
+turns a ScalingRecord frame (analysis/records.py) into them.
 """
 
 from __future__ import annotations
@@ -647,7 +647,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_cli(args) -> dict:
     """Everything the CLI does except printing; returns the JSON-able result."""
-    from analysis.runs import read_csv
+    from analysis.records import read_csv
 
     df = read_csv(args.csv)
     law = get_law(args.law)

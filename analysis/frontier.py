@@ -10,7 +10,7 @@ Owns two ways to turn runs into compute-optimal points (Hoffmann et al. 2022):
 - Approach 2, IsoFLOP: for each compute budget with at least 3 model sizes, a parabola
   of loss in log N and its minimum (``isoflop_minima``).
 
-Curves are frames with CURVE_COLUMNS of analysis/runs.py (run_id, step, tokens_seen,
+Curves are frames with CURVE_COLUMNS of polar/names.py (run_id, step, tokens_seen,
 flops_seen, val_loss); records have n_params, compute, loss.
 """
 

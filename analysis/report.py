@@ -2,7 +2,7 @@
 
 Owns the end of the pipeline (DESIGN.md, data flow step 4):
 
-1. read the records of ``--experiment`` (analysis/runs.py);
+1. read the records of ``--experiment`` (analysis/records.py);
 2. fit L = a N^b over model size (final losses; the lowest per size when a size was
    trained at several budgets) and L = a C^b over the compute-optimal frontier of the
    validation curves (analysis/frontier.py), each with bootstrap CIs; held-out
@@ -30,6 +30,7 @@ import pandas as pd
 from analysis import fit as F
 from analysis.frontier import envelope, isoflop_minima, pareto_frontier
 from analysis.laws import chinchilla_optimal
+from polar import names
 
 __all__ = ["ReportError", "analyse", "write_report", "main"]
 
@@ -392,7 +393,7 @@ def _parser():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from analysis.runs import RunsError, load_jsonl_records, load_records, log_analysis
+    from analysis.records import RunsError, load_jsonl_records, load_records
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -412,13 +413,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = write_report(rec, an, out_dir)
     status = 0
     if not args.no_mlflow_log and rec.experiment_id is not None:
-        sf, cf = an["size_fit"], an.get("compute_fit")
-        metrics = {"fit_n/a": sf.params["a"], "fit_n/b": sf.params["b"], "fit_n/r2": sf.r2}
-        if cf is not None:
-            metrics.update({"fit_c/a": cf.params["a"], "fit_c/b": cf.params["b"], "fit_c/r2": cf.r2})
+        from sweeps.runs import log_analysis_run
+
+        fits = {names.FIT_N: an["size_fit"], names.FIT_C: an.get("compute_fit")}
+        metrics = {names.fit_metric(law, key): value for law, fit in fits.items() if fit is not None
+                   for key, value in (("a", fit.params["a"]), ("b", fit.params["b"]), ("r2", fit.r2))}
         try:
-            rid = log_analysis(rec.experiment_id, rec.tracking_uri, files,
-                               params={"n_runs": len(rec.records), "n_failed": len(rec.failed)}, metrics=metrics)
+            rid = log_analysis_run(rec.experiment_id, rec.tracking_uri, files, metrics=metrics,
+                                   params={names.N_RUNS: len(rec.records), names.N_FAILED: len(rec.failed)})
             print(f"logged to MLflow: experiment {rec.experiment!r}, analysis run {rid}")
         except Exception as exc:  # the files are written; say what did not happen
             print(f"analysis.report: warning: could not log to MLflow ({type(exc).__name__}: {exc}); "

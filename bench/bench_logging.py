@@ -100,8 +100,9 @@ def train(job, data, plan, steps, run_dir, sink):
 def bench_model(name: str, uri: str, max_steps: int | None, ab: bool, tmp: Path) -> dict:
     import torch
 
-    from polar.tracking import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink, create_run, ensure_experiment
+    from polar.sinks import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink
     from sweeps.jobs import plan_of, prepare_data, run_key, run_params
+    from sweeps.runs import create_run, ensure_experiment
 
     job = compose_job(name)
     if job.train.threads > 0:
@@ -119,7 +120,7 @@ def bench_model(name: str, uri: str, max_steps: int | None, ab: bool, tmp: Path)
     model, result, wall = train(job, data, plan, steps, run_dir, sink)
     delivery_cpu = remote.cpu_seconds
 
-    t0 = time.perf_counter()                          # the run's end, as Tracker.complete does it
+    t0 = time.perf_counter()                          # the run's end, as JobRun.complete does it
     sink.log_many([({"val/loss_final": result.val_loss}, result.steps)])
     model.save_pretrained(run_dir / "model")
     remote.log_artifacts(str(run_dir / "model"), "model")

@@ -142,7 +142,7 @@ def finetune(model_dir: str | Path, train_path: str | Path, out_dir: str | Path,
     """
     import torch
 
-    from polar.tracking import NullSink
+    from polar.sinks import NullSink
     from polar.trainer import fit
 
     out_dir = Path(out_dir)

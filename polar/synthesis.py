@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from polar.atomic import write_text_atomic
 from polar.config import DataConfig
 
 MANIFEST = "manifest.json"
@@ -99,7 +99,7 @@ def synthesize(cfg: DataConfig, tokenizer, out_dir: str | Path, progress: bool =
         rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, index])
         regions = train_regions if split == "train" else val_regions
         rows = synthesize_shard(pool, sample_prefixes(regions, n, cfg, rng, tokenizer), cfg, rng)
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return _write_manifest(out, cfg, plan)
 
 
@@ -119,7 +119,7 @@ def _write_manifest(out: Path, cfg: DataConfig, plan) -> dict:
                        "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
     data_id = hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()[:16]
     manifest = {"data_id": data_id, "shards": shards, "config": asdict(cfg)}
-    _write_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -143,8 +143,3 @@ def config_key(cfg: DataConfig, tokenizer_id: str) -> str:
     blob = json.dumps({"cfg": asdict(cfg), "tok": tokenizer_id, "v": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
+
+from polar.atomic import atomic_path
 
 SEP_TOKEN = "<|reward|>"
 REWARD_TOKEN = "[UNUSED_TOKEN_130]"
@@ -75,11 +76,5 @@ def special_ids(tok) -> dict[str, int]:
 
 
 def _save_atomic(tok, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(str(tmp))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():   # another process won the race: keep theirs
-        import shutil
-        shutil.rmtree(tmp)
-        return
-    os.replace(tmp, path)
+    with atomic_path(path, keep_existing=True) as tmp:   # another process may win the race: keep theirs
+        tok.save_pretrained(str(tmp))

@@ -15,7 +15,6 @@ whose unsharded states resume on any number of ranks.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from polar import names
+from polar.atomic import atomic_path
 from polar.config import TrainConfig
 from polar.data import TokenTriplets, batch_order, naive_batch
 from polar.distributed import (
@@ -178,7 +179,7 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
 
     def flush_and_checkpoint():
         # metrics first: a kill between the two re-runs these steps from the older
-        # checkpoint, and the sink drops points already logged (tracking.SkipLogged);
+        # checkpoint, and the sink drops points already logged (polar.sinks.SkipLogged);
         # the other order would lose them
         on_main(lambda: sink.log_many(list(buffer)), env)
         buffer.clear()
@@ -196,14 +197,14 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss {loss} at step {step}; the last good "
                                      f"checkpoint in {run_dir} is kept (try a lower train.lr)")
-        buffer.append(({"train/loss": loss, "lr": optimizer.param_groups[0]["lr"]}, step))
+        buffer.append(({names.TRAIN_LOSS: loss, names.LR: optimizer.param_groups[0]["lr"]}, step))
         bar.update(1)
         if step in evals:
             speed = throughput(tokens_seen - mark[1], time.perf_counter() - mark[0], flops_per_token,
                                peak_flops, env.world_size)
             val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
-            buffer.append(({"val/loss": val_loss, "val/acc": val_acc, "tokens_seen": tokens_seen,
-                            "flops_seen": tokens_seen * flops_per_token, **speed}, step))
+            buffer.append(({names.VAL_LOSS: val_loss, names.VAL_ACC: val_acc, names.TOKENS_SEEN: tokens_seen,
+                            names.FLOPS_SEEN: tokens_seen * flops_per_token, **speed}, step))
             flush_and_checkpoint()
             mark = (time.perf_counter(), tokens_seen)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
@@ -223,9 +224,9 @@ def throughput(tokens: int, seconds: float, flops_per_token: float, peak_flops: 
     if seconds <= 0 or tokens <= 0:
         return {}
     rate = tokens / seconds
-    out = {"throughput/tokens_per_s": rate}
+    out = {names.THROUGHPUT: rate}
     if peak_flops:
-        out["mfu"] = rate * flops_per_token / (peak_flops * world_size)
+        out[names.MFU] = rate * flops_per_token / (peak_flops * world_size)
     return out
 
 
@@ -236,12 +237,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None,
     model_state, optim_state = training_state(model, optimizer)
 
     def write():
-        run_dir.mkdir(parents=True, exist_ok=True)
         payload = {"model": model_state, "optimizer": optim_state, "torch_rng": torch.get_rng_state(),
                    "shape": _shape(model), **state}
-        tmp = run_dir / f".{CHECKPOINT}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, run_dir / CHECKPOINT)
+        with atomic_path(run_dir / CHECKPOINT) as tmp:
+            torch.save(payload, tmp)
 
     on_main(write, env)
 

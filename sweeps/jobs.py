@@ -15,8 +15,9 @@ import signal
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from polar.names import RunParams
 from sweeps.derive import Plan, local_refusal, plan_run
-from sweeps.runs import ENV_SWEEP_ID, Tracker, git_sha
+from sweeps.runs import ENV_SWEEP_ID, JobRun, git_sha
 from sweeps.schema import JobConfig
 
 WAIT_FOR_REQUEUE_S = 600                    # how long ranks > 0 wait for rank 0's requeue to end them
@@ -128,14 +129,15 @@ def _finetune_inputs(job: JobConfig, plan: Plan) -> tuple:
                    "data_id": finetune_data_id(job)}
 
 
-def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> dict:
+def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> RunParams:
     """The run parameters of DESIGN.md's contract, as logged to MLflow."""
-    return {"model": plan.model, "n_params": plan.n_params, "n_params_nonembed": plan.n_params_nonembed,
-            "flops_per_token": plan.flops_per_token, "tokens": plan.tokens, "compute": plan.compute,
-            "lr": plan.lr, "batch_size": plan.batch_size, "seq_len": plan.seq_len, "seed": job.seed,
-            "steps": plan.steps, "data_id": data_id, "run_key": key,
-            "sweep_id": os.environ.get(ENV_SWEEP_ID, "none"), "git_sha": git_sha(),
-            "flops_convention": "6N+12LdS fwd+bwd (PaLM)"}
+    finetune = job.stage == "finetune"
+    return RunParams(model=plan.model, n_params=plan.n_params, n_params_nonembed=plan.n_params_nonembed,
+                     flops_per_token=plan.flops_per_token, tokens=plan.tokens, compute=plan.compute, lr=plan.lr,
+                     batch_size=plan.batch_size, seq_len=plan.seq_len, seed=job.seed, steps=plan.steps,
+                     data_id=data_id, run_key=key, sweep_id=os.environ.get(ENV_SWEEP_ID, "none"),
+                     git_sha=git_sha(), stage=job.stage,
+                     init_from=str(Path(job.finetune.init_from).resolve()) if finetune else None)
 
 
 def run_job(job: JobConfig, job_index: str = "") -> dict:
@@ -171,21 +173,21 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
     from polar.distributed import broadcast_object, on_main
     from polar.trainer import Preempted
 
-    tracker = on_main(lambda: Tracker.open(job, key, name, run_dir), env)
-    finished = broadcast_object((tracker.finished, tracker.final_loss) if env.is_main else None)
+    job_run = on_main(lambda: JobRun.open(job, key, name, run_dir), env)
+    finished = broadcast_object((job_run.finished, job_run.final_loss) if env.is_main else None)
     if finished[0]:
         if env.is_main:
-            print(f"[job {job_index}] {name}: finished earlier (run {tracker.run_id}); skipped", flush=True)
+            print(f"[job {job_index}] {name}: finished earlier (run {job_run.run_id}); skipped", flush=True)
         return {"run_key": key, "skipped": True, "val_loss": finished[1]}
     previous, requeue = _fail_on_sigterm(), RequeueSignal.install()
     try:
-        result = _train(job, plan, key, name, run_dir, tracker, env, stop=requeue and requeue.requested)
+        result = _train(job, plan, key, name, run_dir, job_run, env, stop=requeue and requeue.requested)
     except Preempted as stopped:
-        _hand_over(requeue, stopped, tracker, env)
+        _hand_over(requeue, stopped, job_run, env)
         raise
     except BaseException as err:
-        if tracker is not None:
-            tracker.fail(err)
+        if job_run is not None:
+            job_run.fail(err)
         raise
     finally:
         if previous is not None:
@@ -195,7 +197,7 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
     return {"run_key": key, "skipped": False, "val_loss": result.val_loss}
 
 
-def _hand_over(requeue: "RequeueSignal", stopped: BaseException, tracker: Tracker | None, env) -> None:
+def _hand_over(requeue: "RequeueSignal", stopped: BaseException, job_run: JobRun | None, env) -> None:
     """After a checkpoint on the requeue signal: submitit requeues the job and exits
     (SystemExit on rank 0); the run then waits as SCHEDULED. Anything else (too many
     time-outs, say) ends the run FAILED."""
@@ -204,12 +206,12 @@ def _hand_over(requeue: "RequeueSignal", stopped: BaseException, tracker: Tracke
     try:
         requeue.hand_over(env)
     except SystemExit:
-        if tracker is not None:
-            tracker.requeued(stopped)
+        if job_run is not None:
+            job_run.requeued(stopped)
         raise
     except BaseException as err:
-        if tracker is not None:
-            tracker.fail(err)
+        if job_run is not None:
+            job_run.fail(err)
         raise
 
 
@@ -289,34 +291,32 @@ def _pretrain_inputs(job: JobConfig, plan: Plan) -> tuple:
     return model, data
 
 
-def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, tracker: Tracker | None, env,
+def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, job_run: JobRun | None, env,
            stop=None):
     from polar.distributed import device_for, on_main, wrap_model
     from polar.model import set_attention
     from polar.packing import attention_for
-    from polar.tracking import NullSink
+    from polar.sinks import NullSink
     from polar.trainer import fit
 
     inputs = _finetune_inputs if job.stage == "finetune" else _pretrain_inputs
     # rank 0 synthesizes (or reads) the shared data first, then the others read it
     built = on_main(lambda: inputs(job, plan), env)
     model, data = built if env.is_main else inputs(job, plan)
-    params = run_params(job, plan, key, data["data_id"])
-    if job.stage == "finetune":
-        params.update(stage="finetune", init_from=str(Path(job.finetune.init_from).resolve()))
-    on_main(lambda: tracker.start(params), env)
+    params = run_params(job, plan, key, data["data_id"]).as_dict()
+    on_main(lambda: job_run.start(params), env)
     train_cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size, parallel=plan.parallel)
     device = device_for(env)
     model = set_attention(model.to(device), attention_for(device, train_cfg.packing))
     model = wrap_model(model, plan.parallel, env)
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, data["train"], data["val"], data["special"], train_cfg, plan.steps,
-                 plan.flops_per_token, run_dir, tracker.sink if tracker is not None else NullSink(), desc=name,
+                 plan.flops_per_token, run_dir, job_run.sink if job_run is not None else NullSink(), desc=name,
                  position=int(line) if line is not None else None, env=env, stop=stop,
                  peak_flops=job.resources.gpu_peak_flops if device.type == "cuda" else None)
     model_dir = run_dir / "model"
     save_model(model, data["tokenizer"], model_dir, env)
-    on_main(lambda: tracker.complete(result, model_dir, log_model=plan.n_params < 1e9), env)
+    on_main(lambda: job_run.complete(result, model_dir, log_model=plan.n_params < 1e9), env)
     return result
 
 
@@ -349,7 +349,7 @@ def prepare_data(job: JobConfig) -> dict:
 def finished_locally(job: JobConfig) -> bool:
     """Whether the job's run folder says that it finished (its metrics.jsonl ends
     FINISHED); run_job still asks MLflow, this only spares such a job a worker process."""
-    from polar.tracking import read_jsonl
+    from polar.sinks import read_jsonl
     from sweeps.runs import METRICS_FILE
 
     return read_jsonl(Path(job.paths.runs_dir) / run_key(job) / METRICS_FILE).status == "FINISHED"

@@ -1,25 +1,27 @@
-"""The job's tracking: its MLflow run (found by run key, created, resumed, ended) and a
-JSONL copy of every metric beside its checkpoints.
+"""The MLflow run lifecycle: the one module that finds, creates, resumes and ends runs.
 
-- Where: job.tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's default
-  `sqlite:///mlflow.db` in the working directory.
-- Resume: the run id is kept in RUN_DIR/mlflow_run_id; a re-run of the same run key
-  continues that run. Points the trainer logs again after a resume are dropped
-  (polar.tracking.SkipLogged), and points of earlier attempts that never reached MLflow
-  are replayed from RUN_DIR/metrics.jsonl.
-- Outages: every MLflow call goes through polar.tracking.MLflowSink's delivery thread,
-  so training never waits on the server; if the server cannot be reached when the job
-  opens, the job still trains and finds or creates its run once the server is back.
-  This module lowers MLflow's own HTTP retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by
-  default: minutes per call) to 2 unless set, since the sink retries with backoff itself.
-- Failures: an exception ends the run FAILED (KeyboardInterrupt: KILLED) with the message
-  in tag polar.error; a run whose process died without a word (SIGKILL, OOM) is found by
-  its host/pid tags and marked FAILED by the next sweep (polar.tracking.mark_dead_runs).
-- Config: the resolved job config and the Hydra overrides are logged as artifacts
-  config.yaml and overrides.yaml, and written beside the checkpoints.
+- Where: tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's default
+  `sqlite:///mlflow.db`, made absolute once by the sweep (`resolved_uri`) so that every job
+  logs to the same store whatever its working directory.
+- A sweep (`open_sweep` / `close_sweep`, called by the Hydra callback sweeps.callbacks):
+  the experiment, created once before any job starts (parallel creation races in MLflow);
+  a parent run (tag polar.kind=sweep) whose children the jobs' runs become; the ids go to
+  the jobs through the environment (ENV_*). At the end the parent run is FINISHED, or
+  FAILED naming the failed jobs; `terminate_parent_run` fails it when the sweep stops early.
+- A job (`JobRun`): its run is found by run key; a finished run is skipped, an interrupted
+  one resumed (the run id is kept in RUN_DIR/mlflow_run_id), a run of the key whose folder
+  is elsewhere is superseded. Metrics go through polar.sinks (never blocking training) and
+  to RUN_DIR/metrics.jsonl; points earlier attempts logged but MLflow lacks are replayed.
+  If the server cannot be reached when the job opens, the job still trains and finds or
+  creates its run once the server is back.
+- Dead runs: a RUNNING run whose process is gone (SIGKILL, OOM; its pid on this host, or
+  its SLURM job by sacct) is marked FAILED by the next sweep (`mark_dead_runs`).
+- Every run ends through `end_run` (or the sink's finish, for a job's own run): a FAILED,
+  KILLED or SCHEDULED run carries its reason in tag polar.error.
+- Analysis logs its reports as a run of its own (`log_analysis_run`).
 
 CLI: `python -m sweeps.runs replay RUN_DIR [--uri URI]` delivers what a run's
-metrics.jsonl holds and its MLflow run lacks. MLflow is imported lazily; with
+metrics.jsonl holds and its MLflow run lacks. MLflow is imported inside functions; with
 tracking.backend=off only the JSONL file is written.
 """
 
@@ -27,10 +29,15 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from polar import names
+from polar.atomic import write_text_atomic
+from polar.names import ERROR_TAG, HOST_TAG, KIND_TAG, PID_START_TAG, PID_TAG, SLURM_JOB_TAG
 from sweeps.schema import JobConfig
 
 ENV_EXPERIMENT_ID = "POLAR_MLFLOW_EXPERIMENT_ID"
@@ -38,7 +45,30 @@ ENV_PARENT_RUN_ID = "POLAR_PARENT_RUN_ID"
 ENV_SWEEP_ID = "POLAR_SWEEP_ID"
 RUN_ID_FILE = "mlflow_run_id"
 METRICS_FILE = "metrics.jsonl"
+# sacct states of a job that may still write to its run (requeued jobs pass through these)
+SLURM_LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
+                               "SUSPENDED", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED"})
 _UNDELIVERED: list[str] = []     # repeated as the process's last words
+
+
+# ------------------------------------------------------------ where runs go
+
+def resolved_uri(uri: str | None) -> str:
+    """The tracking URI a job would use, with a relative sqlite path made absolute."""
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+def quiet_http_retries() -> None:
+    """MLflow retries a failed HTTP call 7 times with backoff (minutes); polar's sink
+    retries on its own, so keep MLflow's to 2 unless the user set them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def git_sha() -> str:
@@ -50,14 +80,180 @@ def git_sha() -> str:
         return "unknown"
 
 
-def quiet_http_retries() -> None:
-    """MLflow retries a failed HTTP call 7 times with backoff (minutes); polar's sink
-    retries on its own, so keep MLflow's to 2 unless the user set them."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+def client(uri: str | None):
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
 
 
-class Tracker:
+# ------------------------------------------------------------ experiments and runs
+
+def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
+    """The id of experiment `name`, created when missing. Call it once, in the submitting
+    process, before jobs start (parallel creation can race in MLflow)."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(tracking_uri)
+    found = c.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
+                             f"--experiment-id {found.experiment_id}`) or choose another experiment_name")
+        return found.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:         # created meanwhile by another process
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def find_run(experiment_id: str, run_key: str, tracking_uri: str | None = None):
+    """The newest run of this run key in the experiment, or None."""
+    runs = client(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.{names.RUN_KEY} = '{run_key}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def create_run(experiment_id: str, run_name: str, tags: dict, tracking_uri: str | None = None) -> str:
+    run = client(tracking_uri).create_run(experiment_id, run_name=run_name,
+                                          tags={k: str(v) for k, v in tags.items()})
+    return run.info.run_id
+
+
+def end_run(mlflow_client, run_id: str, status: str, reason: str | None = None) -> None:
+    """End a run with `status`; a reason (why it FAILED, was KILLED or waits) goes to
+    tag polar.error. Every run that is not a job's own (ended by its sink) ends here."""
+    from mlflow.entities import RunTag
+
+    if reason:
+        mlflow_client.log_batch(run_id, tags=[RunTag(ERROR_TAG, reason[:4000])])
+    mlflow_client.set_terminated(run_id, status)
+
+
+# ------------------------------------------------- processes that hold a run open
+
+def process_tags(pid: int | None = None) -> dict[str, str]:
+    """host, pid and the pid's start time (so a recycled pid is not taken for the job),
+    and the SLURM job inside which it runs, if any (asked with sacct from other hosts)."""
+    pid = os.getpid() if pid is None else pid
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _pid_start(pid) or ""}
+    job = slurm_job_id()
+    if job:
+        tags[SLURM_JOB_TAG] = job
+    return tags
+
+
+def slurm_job_id(env=os.environ) -> str | None:
+    """This process's SLURM job as sacct names it: ARRAYJOBID_TASKID for an array task."""
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def slurm_job_alive(job: str, timeout: float = 15.0) -> bool | None:
+    """Whether SLURM's accounting says the job may still run (pending, running,
+    requeued, ...); None when sacct is missing or cannot tell."""
+    try:
+        out = subprocess.run(["sacct", "-j", job, "-n", "-X", "-P", "-o", "State"], capture_output=True,
+                             text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0 or not states:
+        return None
+    return states[-1] in SLURM_LIVE_STATES      # "CANCELLED by 0" -> CANCELLED
+
+
+def _pid_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]      # field 22: start time in clock ticks
+
+
+def process_alive(tags: dict) -> bool | None:
+    """Whether the process named by a run's tags still runs: from its pid on this host,
+    else from its SLURM job's state; None when nobody can tell from here."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return slurm_job_alive(tags[SLURM_JOB_TAG]) if tags.get(SLURM_JOB_TAG) else None
+    pid = int(tags[PID_TAG])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    start, recorded = _pid_start(pid), tags.get(PID_START_TAG)
+    return not (start and recorded and start != recorded)
+
+
+def mark_dead_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
+    """End as FAILED every RUNNING run of the experiment whose process is gone (its pid on
+    this host, or its SLURM job by sacct), e.g. killed with SIGKILL, by the OOM killer or
+    a node failure; returns their names."""
+    c, marked = client(tracking_uri), []
+    for run in c.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if process_alive(tags) is False:
+            where = (f"SLURM job {tags[SLURM_JOB_TAG]}" if tags.get(HOST_TAG) != socket.gethostname()
+                     else f"the process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)}")
+            end_run(c, run.info.run_id, "FAILED", f"{where}, which ran this job, ended without closing its run "
+                    "(killed: SIGKILL, out of memory, time limit, node failure?)")
+            marked.append(run.info.run_name)
+    return marked
+
+
+# ------------------------------------------------------------ a sweep's parent run
+
+def open_sweep(experiment_name: str, uri: str) -> tuple[str, str, str]:
+    """Before any job starts: the experiment, dead runs marked FAILED, and a parent run
+    for the sweep; exports the ids for the jobs. Returns (experiment id, parent run id,
+    sweep id)."""
+    quiet_http_retries()
+    sweep_id = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        exp_id = ensure_experiment(experiment_name, uri)
+    except Exception as err:
+        raise RuntimeError(f"MLflow at {uri} cannot be reached or refused the experiment {experiment_name!r} "
+                           f"({type(err).__name__}: {str(err)[:300]}); start the tracking server (see the "
+                           "README) or run with tracking=off") from err
+    dead = mark_dead_runs(exp_id, uri)
+    if dead:
+        print(f"marked FAILED (their process is gone): {', '.join(dead)}", flush=True)
+    tags = {KIND_TAG: names.SWEEP, names.SWEEP_ID: sweep_id, names.GIT_SHA: git_sha(), **process_tags()}
+    parent = create_run(exp_id, f"sweep-{sweep_id}", tags, uri)
+    os.environ.update({ENV_EXPERIMENT_ID: exp_id, ENV_PARENT_RUN_ID: parent, ENV_SWEEP_ID: sweep_id})
+    return exp_id, parent, sweep_id
+
+
+def close_sweep(uri: str | None, experiment_id: str, run_id: str) -> None:
+    """End the parent run: FAILED with the failed jobs' names if any child failed."""
+    try:
+        c = client(uri)
+        children = c.search_runs([experiment_id], f"tags.{names.PARENT_RUN_TAG} = '{run_id}'", max_results=10000)
+        bad = [r.info.run_name for r in children if r.info.status in ("FAILED", "KILLED")]
+        reason = f"{len(bad)} of {len(children)} jobs failed: {', '.join(bad)}" if bad else None
+        end_run(c, run_id, "FAILED" if bad else "FINISHED", reason)
+    except Exception as err:   # noqa: BLE001 - the jobs' results matter more than the parent's status
+        print(f"could not end the sweep's parent run {run_id}: {err}", flush=True)
+
+
+def terminate_parent_run(reason: str, tracking_uri: str | None = None) -> None:
+    """Mark the sweep's parent run FAILED when the sweep stops before or during launch;
+    Hydra does not call on_multirun_end after an error, so it would otherwise stay RUNNING."""
+    run_id = os.environ.get(ENV_PARENT_RUN_ID)
+    if not run_id:
+        return
+    try:
+        end_run(client(tracking_uri), run_id, "FAILED", reason)
+    except Exception as err:   # never hide the sweep's own error behind a logging one
+        print(f"could not mark the sweep's MLflow run {run_id} as failed: {err}", file=sys.stderr)
+
+
+# ------------------------------------------------------------ a job's run
+
+class JobRun:
     """The job's MLflow run (or none with tracking=off) plus a JSONL copy of every metric.
 
     `sink` is what the trainer logs to; `remote` the MLflowSink (None with tracking=off);
@@ -66,7 +262,7 @@ class Tracker:
 
     def __init__(self, job: JobConfig, run_dir: Path, run_id: str | None = None, *, finished: bool = False,
                  final_loss: float | None = None, resumed: bool = False, resolve=None):
-        from polar.tracking import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink, read_jsonl
+        from polar.sinks import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink, read_jsonl
 
         self.job, self.run_dir, self.run_id = job, Path(run_dir), run_id
         self.finished, self.final_loss, self.resumed = finished, final_loss, resumed
@@ -84,17 +280,15 @@ class Tracker:
 
     # ------------------------------------------------------------ open
     @classmethod
-    def open(cls, job: JobConfig, key: str, name: str, run_dir: Path) -> "Tracker":
-        tracker = cls._open(job, key, name, Path(run_dir))
-        tracker.labels = {"mlflow.runName": name, "run_key": key}   # for readers of metrics.jsonl
-        return tracker
+    def open(cls, job: JobConfig, key: str, name: str, run_dir: Path) -> "JobRun":
+        run = cls._open(job, key, name, Path(run_dir))
+        run.labels = {names.RUN_NAME_TAG: name, names.RUN_KEY: key}   # for readers of metrics.jsonl
+        return run
 
     @classmethod
-    def _open(cls, job: JobConfig, key: str, name: str, run_dir: Path) -> "Tracker":
+    def _open(cls, job: JobConfig, key: str, name: str, run_dir: Path) -> "JobRun":
         if job.tracking.backend == "off":
             return cls(job, run_dir)
-        from polar.tracking import ensure_experiment, find_run, mark_dead_runs, shout
-
         quiet_http_retries()
         uri, saved = job.tracking.uri, _saved_run_id(run_dir)
         try:
@@ -109,7 +303,7 @@ class Tracker:
             return cls._offline(job, key, name, run_dir, saved, err)
         if run is not None and run.info.status == "FINISHED":
             return cls(job, run_dir, run.info.run_id, finished=True,
-                       final_loss=run.data.metrics.get("val/loss_final"))
+                       final_loss=run.data.metrics.get(names.VAL_LOSS_FINAL))
         if run is not None:
             _refuse_if_running_elsewhere(run, key)
         if run is not None and saved == run.info.run_id:
@@ -117,26 +311,25 @@ class Tracker:
         if run is not None:
             _supersede(run, run_dir, uri)
         if saved:
-            shout(f"{run_dir / RUN_ID_FILE} names MLflow run {saved}, which the experiment's runs of key {key} "
-                  "do not include; starting a new run (earlier points are replayed from metrics.jsonl)")
-        run_id = _create(exp_id, key, name, run_dir, uri)
-        return cls(job, run_dir, run_id)
+            _shout(f"{run_dir / RUN_ID_FILE} names MLflow run {saved}, which the experiment's runs of key {key} "
+                   "do not include; starting a new run (earlier points are replayed from metrics.jsonl)")
+        return cls(job, run_dir, _create(exp_id, key, name, run_dir, uri))
 
     @classmethod
-    def _offline(cls, job, key, name, run_dir, saved, err) -> "Tracker":
-        from polar.tracking import ensure_experiment, find_run, read_jsonl, shout
+    def _offline(cls, job, key, name, run_dir, saved, err) -> "JobRun":
+        from polar.sinks import read_jsonl
 
         local = read_jsonl(run_dir / METRICS_FILE)
         if local.status == "FINISHED":
-            final = local.metrics.get("val/loss_final", {})
+            final = local.metrics.get(names.VAL_LOSS_FINAL, {})
             return cls(job, run_dir, saved, finished=True, final_loss=final[max(final)] if final else None)
-        shout(f"MLflow at {job.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default URI'} "
-              f"cannot be reached ({type(err).__name__}: {str(err)[:200]}); training goes on, metrics go to "
-              f"{run_dir / METRICS_FILE} and are delivered when the server is back")
+        _shout(f"MLflow at {job.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default URI'} "
+               f"cannot be reached ({type(err).__name__}: {str(err)[:200]}); training goes on, metrics go to "
+               f"{run_dir / METRICS_FILE} and are delivered when the server is back")
         if saved:
             return cls(job, run_dir, saved, resumed=True)
 
-        def resolve(client) -> str:              # in the sink's thread, once the server answers
+        def resolve(mlflow_client) -> str:      # in the sink's thread, once the server answers
             exp_id = os.environ.get(ENV_EXPERIMENT_ID) or ensure_experiment(job.experiment_name, job.tracking.uri)
             run = find_run(exp_id, key, job.tracking.uri)
             if run is not None and run.info.status != "FINISHED":
@@ -151,7 +344,7 @@ class Tracker:
         sweep_id of the first sweep stays) and the config artifacts; mark the run RUNNING."""
         import yaml
 
-        from polar.tracking import ERROR_TAG, JsonlSink, process_tags, replay_missing
+        from polar.sinks import JsonlSink
 
         config_yaml = config_yaml if config_yaml is not None else self._config_yaml()
         overrides = overrides if overrides is not None else _hydra_overrides()
@@ -163,12 +356,14 @@ class Tracker:
         jsonl.log_params(params)
         if self.labels:
             jsonl.set_tags(self.labels)
-        if self.remote is None:
-            return
+        if self.remote is not None:
+            self._start_remote(params, config_yaml, overrides_yaml)
+
+    def _start_remote(self, params: dict, config_yaml: str, overrides_yaml: str) -> None:
         remote, previous = self.remote, self.previous
 
-        def new_params(client, run_id):
-            existing = client.get_run(run_id).data.params
+        def new_params(mlflow_client, run_id):
+            existing = mlflow_client.get_run(run_id).data.params
             fresh = {k: v for k, v in params.items() if k not in existing}
             if fresh:
                 remote.log_params(fresh)
@@ -181,34 +376,30 @@ class Tracker:
         remote.log_text(config_yaml, "config.yaml")
         remote.log_text(overrides_yaml, "overrides.yaml")
         if previous.points():
-            remote.call(lambda client, run_id: replay_missing(previous, remote, client))
+            remote.call(lambda mlflow_client, run_id: replay_missing(previous, remote, mlflow_client))
 
     def complete(self, result, model_dir: Path, log_model: bool) -> None:
-        self.sink.log_many([({"val/loss_final": result.val_loss, "val/acc_final": result.val_acc}, result.steps)])
-        self.sink.set_tags({"checkpoint_dir": str(self.run_dir.resolve())})
+        self.sink.log_many([({names.VAL_LOSS_FINAL: result.val_loss, names.VAL_ACC_FINAL: result.val_acc},
+                             result.steps)])
+        self.sink.set_tags({names.CHECKPOINT_DIR_TAG: str(self.run_dir.resolve())})
         if self.remote is not None and log_model:
             self.remote.log_artifacts(str(model_dir), "model")
-        self._finish("FINISHED")
+        self._end("FINISHED")
 
     def requeued(self, why: BaseException) -> None:
         """The job stopped with a checkpoint and SLURM runs it again: the run waits as
         SCHEDULED (not FAILED) until the next attempt resumes it."""
-        from polar.tracking import ERROR_TAG
-
-        self.sink.set_tags({ERROR_TAG: f"requeued: {why}"})
-        self._finish("SCHEDULED")
+        self._end("SCHEDULED", f"requeued: {why}")
 
     def fail(self, err: BaseException) -> None:
-        from polar.tracking import ERROR_TAG
-
-        message = f"{type(err).__name__}: {err}"[:4000]
         try:
-            self.sink.set_tags({ERROR_TAG: message})
-            self._finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            self._end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
         except Exception as log_err:   # never hide the original error behind a logging one
             print(f"could not mark the run as failed: {log_err}", file=sys.stderr)
 
-    def _finish(self, status: str) -> None:
+    def _end(self, status: str, reason: str | None = None) -> None:
+        if reason:
+            self.sink.set_tags({ERROR_TAG: reason[:4000]})
         self.undelivered = self.sink.finish(status) or 0
         if self.undelivered:
             run_id = self.remote.run_id if self.remote is not None else self.run_id
@@ -224,31 +415,22 @@ class Tracker:
         return OmegaConf.to_yaml(OmegaConf.structured(self.job))
 
 
-# ------------------------------------------------------------ helpers
-
 def _saved_run_id(run_dir: Path) -> str | None:
     path = Path(run_dir) / RUN_ID_FILE
     return (path.read_text().strip() or None) if path.exists() else None
 
 
 def _create(exp_id: str, key: str, name: str, run_dir: Path, uri: str | None) -> str:
-    from polar.tracking import create_run, process_tags
-
-    tags = {"run_key": key, "polar.kind": "job", "sweep_id": os.environ.get(ENV_SWEEP_ID, "none"),
-            "git_sha": git_sha(), **process_tags()}
+    tags = {names.RUN_KEY: key, KIND_TAG: names.JOB, names.SWEEP_ID: os.environ.get(ENV_SWEEP_ID, "none"),
+            names.GIT_SHA: git_sha(), **process_tags()}
     if os.environ.get(ENV_PARENT_RUN_ID):
-        tags["mlflow.parentRunId"] = os.environ[ENV_PARENT_RUN_ID]
+        tags[names.PARENT_RUN_TAG] = os.environ[ENV_PARENT_RUN_ID]
     run_id = create_run(exp_id, name, tags, uri)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{RUN_ID_FILE}.{os.getpid()}"
-    tmp.write_text(run_id)
-    os.replace(tmp, run_dir / RUN_ID_FILE)
+    write_text_atomic(run_dir / RUN_ID_FILE, run_id)
     return run_id
 
 
 def _refuse_if_running_elsewhere(run, key: str) -> None:
-    from polar.tracking import PID_TAG, process_alive
-
     tags = run.data.tags
     if run.info.status == "RUNNING" and process_alive(tags) and tags.get(PID_TAG) != str(os.getpid()):
         raise RuntimeError(f"run key {key} is being trained right now by process {tags[PID_TAG]} on this host "
@@ -258,16 +440,9 @@ def _refuse_if_running_elsewhere(run, key: str) -> None:
 def _supersede(run, run_dir: Path, uri: str | None) -> None:
     """A run of this key whose checkpoint folder is not ours (gone, or elsewhere): end it
     as FAILED, saying which folder replaced it, so that it is not taken for a result."""
-    from mlflow import MlflowClient
-
-    from polar.tracking import ERROR_TAG
-
-    if run.info.status in ("FAILED", "KILLED"):
-        return
-    client = MlflowClient(uri)
-    client.set_tag(run.info.run_id, ERROR_TAG, f"superseded: its checkpoint folder is not {run_dir}; "
-                   "the job started again in a new run")
-    client.set_terminated(run.info.run_id, "FAILED")
+    if run.info.status not in ("FAILED", "KILLED"):
+        end_run(client(uri), run.info.run_id, "FAILED", f"superseded: its checkpoint folder is not {run_dir}; "
+                "the job started again in a new run")
 
 
 def _hydra_overrides() -> list[str]:
@@ -279,17 +454,41 @@ def _hydra_overrides() -> list[str]:
         return []
 
 
-def _last_words() -> None:
-    from polar.tracking import shout
+def _shout(message: str) -> None:
+    from polar.sinks import shout
 
+    shout(message)
+
+
+def _last_words() -> None:
     for note in _UNDELIVERED:
-        shout(note)
+        _shout(note)
+
+
+# ------------------------------------------------------------ replay
+
+def replay_missing(source, sink, mlflow_client=None) -> int:
+    """Queue into `sink` (an MLflowSink) the metric points of a metrics.jsonl (or a JsonlRun
+    read earlier) that its MLflow run lacks, compared by key and step; returns how many.
+    Reads the run's history, so it needs the server (queue it with sink.call when it may
+    be away)."""
+    from polar.sinks import JsonlRun, read_jsonl
+
+    run = source if isinstance(source, JsonlRun) else read_jsonl(source)
+    mlflow_client = mlflow_client or sink.client
+    missing = []
+    for key, steps in run.metrics.items():
+        have = {m.step for m in mlflow_client.get_metric_history(sink.run_id, key)}
+        missing += [({key: v}, s) for s, v in sorted(steps.items()) if s not in have]
+    if missing:
+        sink.log_many(missing)
+    return len(missing)
 
 
 def replay(run_dir: str | Path, uri: str | None = None, timeout: float = 300.0) -> int:
     """Deliver what RUN_DIR/metrics.jsonl holds and its MLflow run lacks; returns the
     number of points still undelivered (0 on success)."""
-    from polar.tracking import MLflowSink, read_jsonl, replay_missing
+    from polar.sinks import MLflowSink, read_jsonl
 
     run_dir = Path(run_dir)
     run_id = _saved_run_id(run_dir)
@@ -306,22 +505,28 @@ def replay(run_dir: str | Path, uri: str | None = None, timeout: float = 300.0) 
     return sink.pending_points
 
 
+# ------------------------------------------------------------ analysis runs
 
-def terminate_parent_run(reason: str, tracking_uri: str | None = None) -> None:
-    """Mark the sweep's MLflow parent run (created by sweeps.callbacks.MlflowSweep before the
-    launcher runs) FAILED when the sweep stops before or during launch; Hydra does not call
-    on_multirun_end after an error, so it would otherwise stay RUNNING."""
-    run_id = os.environ.get(ENV_PARENT_RUN_ID)
-    if not run_id:
-        return
+def log_analysis_run(experiment_id: str, tracking_uri: str | None, files, *, params=None, metrics=None,
+                     run_name: str = "analysis") -> str:
+    """Log an analysis run (tag polar.kind = analysis) with `files` as artifacts."""
+    import math
+
+    c = client(tracking_uri)
+    rid = c.create_run(experiment_id, run_name=run_name, tags={KIND_TAG: names.ANALYSIS}).info.run_id
     try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        client.set_tag(run_id, "polar.error", reason[:4000])
-        client.set_terminated(run_id, "FAILED")
-    except Exception as err:   # never hide the sweep's own error behind a logging one
-        print(f"could not mark the sweep's MLflow run {run_id} as failed: {err}", file=sys.stderr)
+        for k, v in (params or {}).items():
+            c.log_param(rid, k, v)
+        for k, v in (metrics or {}).items():
+            if v is not None and math.isfinite(v):
+                c.log_metric(rid, k, float(v))
+        for f in files:
+            c.log_artifact(rid, str(f))
+    except Exception as err:
+        end_run(c, rid, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    end_run(c, rid, "FINISHED")
+    return rid
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def log_points_worker(run_id: str, uri: str, steps: int, flush_every: int, barri
     """A job's logging, alone in a process: `steps` train points (and a val point per
     flush) through MLflowSink, flushed every `flush_every` steps like polar.trainer.fit.
     Exits 0 only when every point was delivered (multiprocessing target; spawn-safe)."""
-    from polar.tracking import MLflowSink
+    from polar.sinks import MLflowSink
 
     sink = MLflowSink(run_id, uri)
     barrier.wait(timeout=120)            # all processes log at once

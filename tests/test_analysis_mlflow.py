@@ -1,4 +1,4 @@
-"""analysis.runs and analysis.report against a real sqlite MLflow store in tmp_path."""
+"""analysis.records and analysis.report against a real sqlite MLflow store in tmp_path."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def store(tmp_path_factory):
 
 
 def test_load_records_reads_finished_jobs_and_failures(store):
-    from analysis.runs import CURVE_COLUMNS, RECORD_COLUMNS, load_records
+    from analysis.records import CURVE_COLUMNS, RECORD_COLUMNS, load_records
 
     rec = load_records("ladder", store["uri"])
     assert list(rec.records.columns[: len(RECORD_COLUMNS)]) == RECORD_COLUMNS
@@ -81,7 +81,7 @@ def test_load_records_reads_finished_jobs_and_failures(store):
 
 
 def test_load_records_unknown_experiment_names_it(store):
-    from analysis.runs import RunsError, load_records
+    from analysis.records import RunsError, load_records
 
     with pytest.raises(RunsError, match=r"no MLflow experiment named 'nope'.*ladder"):
         load_records("nope", store["uri"])

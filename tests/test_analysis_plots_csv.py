@@ -1,4 +1,4 @@
-"""analysis.plots writes readable PNGs; analysis.runs.read_csv completes and checks columns."""
+"""analysis.plots writes readable PNGs; analysis.records.read_csv completes and checks columns."""
 
 import numpy as np
 import pandas as pd
@@ -6,7 +6,7 @@ import pytest
 
 from analysis import fit as F
 from analysis.frontier import isoflop_minima
-from analysis.runs import RunsError, read_csv
+from analysis.records import RunsError, read_csv
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

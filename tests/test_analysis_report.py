@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from analysis.laws import chinchilla, chinchilla_optimal
+from analysis.records import CURVE_COLUMNS, Records
 from analysis.report import ReportError, analyse, write_report
-from analysis.runs import CURVE_COLUMNS, Records
 
 TRUTH = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 
@@ -67,7 +67,8 @@ def test_one_size_is_not_enough():
 
 def _jsonl_run(root, key, *, model, n, loss, status, experiment="exp"):
     """A run folder as a job writes it: config.yaml and metrics.jsonl (via JsonlSink)."""
-    from polar.tracking import ERROR_TAG, JsonlSink
+    from polar.names import ERROR_TAG
+    from polar.sinks import JsonlSink
 
     run_dir = root / key
     run_dir.mkdir(parents=True)
@@ -95,7 +96,7 @@ def test_report_from_jsonl_files_without_mlflow(tmp_path, capsys):
     _jsonl_run(runs, "dead", model="m8", n=1e7, loss=0.1, status=None)
     _jsonl_run(runs, "other", model="m7", n=1e8, loss=0.01, status="FINISHED", experiment="other")
 
-    from analysis.runs import load_jsonl_records
+    from analysis.records import load_jsonl_records
 
     rec = load_jsonl_records(runs, "exp")
     assert rec.records["model"].tolist() == ["m0", "m1", "m2"]

@@ -11,7 +11,7 @@ from polar.config import ModelConfig, TrainConfig
 from polar.data import TokenTriplets
 from polar.distributed import DistEnv, dist_env, first_host, shard, wrap_model
 from polar.model import build_model
-from polar.tracking import NullSink
+from polar.sinks import NullSink
 from polar.trainer import CHECKPOINT, evaluate, fit, train_step
 from tests.mlflow_server import free_port
 

@@ -34,7 +34,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _square_in_job(x: int) -> dict:
-    from polar.tracking import process_tags
+    from sweeps.runs import process_tags
 
     return {"square": x * x, "job_id": os.environ.get("SLURM_JOB_ID"),
             "host": socket.gethostname(), "python": sys.executable, "tags": process_tags()}
@@ -90,7 +90,7 @@ def test_submitit_job_returns_result(tmp_path):
 def test_cancelled_job_is_reported_cancelled(tmp_path):
     from mlflow import MlflowClient
 
-    from polar.tracking import mark_dead_runs, process_alive
+    from sweeps.runs import mark_dead_runs, process_alive
 
     job = _executor(tmp_path, "polar-cancel").submit(_sleep, 600)
     wait_until(lambda: squeue_state(job.job_id) == "RUNNING", timeout=60,

@@ -87,7 +87,7 @@ def test_unknown_preset_lists_the_valid_ones(tmp_path):
 
 def test_jsonl_files_give_the_same_records_as_mlflow(finished_sweep):
     """The analysis reads the runs' metrics.jsonl (no tracking server) and gets what MLflow holds."""
-    from analysis.runs import load_jsonl_records, load_records
+    from analysis.records import load_jsonl_records, load_records
 
     tmp, _ = finished_sweep
     from_mlflow = load_records("e2e", f"sqlite:///{tmp}/mlflow.db")

@@ -10,17 +10,9 @@ import time
 
 import pytest
 
-from polar.tracking import (
-    PERMANENT_ERRORS,
-    JsonlSink,
-    MLflowSink,
-    SkipLogged,
-    TeeSink,
-    jsonl_record,
-    process_alive,
-    process_tags,
-    read_jsonl,
-)
+from analysis.records import jsonl_record
+from polar.sinks import PERMANENT_ERRORS, JsonlSink, MLflowSink, SkipLogged, TeeSink, read_jsonl
+from sweeps.runs import process_alive, process_tags
 
 
 class ListSink:
@@ -46,10 +38,13 @@ def test_jsonl_round_trip_into_the_analysis_shapes(tmp_path):
     sink.log_many([({"val/loss": 0.5, "tokens_seen": 200, "flops_seen": 1.2e6}, 2)])
     sink.log_many([({"val/loss_final": 0.5}, 2)])
     sink.finish("FINISHED")
-    record, curve = jsonl_record(path)
-    assert record["run_id"] == "abc" and record["loss"] == 0.5 and record["status"] == "FINISHED"
+    run = read_jsonl(path)
+    record, curve = jsonl_record(run, run.params["run_key"])
+    assert run.status == "FINISHED"
+    assert record["run_id"] == "abc" and record["loss"] == 0.5 and record["model"] == "1m"
     assert record["n_params"] == 1000.0 and record["compute"] == 3e9
-    assert [(c["step"], c["tokens_seen"], c["val_loss"]) for c in curve] == [(1, 100, 0.69), (2, 200, 0.5)]
+    assert list(curve[["step", "tokens_seen", "val_loss"]].itertuples(index=False, name=None)) == \
+        [(1, 100, 0.69), (2, 200, 0.5)]
 
 
 def test_a_torn_last_line_is_cut_and_a_restart_clears_the_status(tmp_path):
@@ -154,7 +149,7 @@ def test_process_liveness_from_run_tags():
 
 
 def test_slurm_job_id_names_array_tasks_as_sacct_does():
-    from polar.tracking import slurm_job_id
+    from sweeps.runs import slurm_job_id
 
     assert slurm_job_id({}) is None
     assert slurm_job_id({"SLURM_JOB_ID": "41"}) == "41"
@@ -162,6 +157,6 @@ def test_slurm_job_id_names_array_tasks_as_sacct_does():
 
 
 def test_a_run_on_another_host_without_slurm_is_not_judged():
-    from polar.tracking import process_alive
+    from sweeps.runs import process_alive
 
     assert process_alive({"polar.host": "another-node", "polar.pid": "1"}) is None

@@ -56,7 +56,7 @@ def _steps(client, run_id, key):
 # ------------------------------------------------------------------ 16 processes
 
 def test_sixteen_processes_logging_at_once_lose_no_point(store, monkeypatch):
-    from polar.tracking import create_run, ensure_experiment
+    from sweeps.runs import create_run, ensure_experiment
 
     monkeypatch.chdir(store.cwd)           # a sqlite store puts artifacts in ./mlruns
     n_jobs, steps, flush_every = 16, 300, 25
@@ -64,7 +64,7 @@ def test_sixteen_processes_logging_at_once_lose_no_point(store, monkeypatch):
     run_ids = [create_run(exp, f"job-{i}", {"polar.kind": "job"}, store.uri) for i in range(n_jobs)]
     ctx = mp.get_context("forkserver")      # 16 fresh processes; mlflow imported once, in the server
     ctx.set_forkserver_preload(["mlflow", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store",
-                                "mlflow.store.tracking.rest_store", "polar.tracking", "tests.mlflow_server"])
+                                "mlflow.store.tracking.rest_store", "polar.sinks", "tests.mlflow_server"])
     barrier = ctx.Barrier(n_jobs)
     procs = [ctx.Process(target=log_points_worker, args=(rid, store.uri, steps, flush_every, barrier))
              for rid in run_ids]
@@ -105,7 +105,7 @@ def _env(store):
 def _sweep_until_evals(store, name: str, evals: int):
     """Start a one-job sweep and return (process, runs folder) once it has logged `evals`
     validation points, still running."""
-    from polar.tracking import read_jsonl
+    from polar.sinks import read_jsonl
 
     proc = subprocess.Popen(_sweep_cmd(store, name), cwd=store.cwd, env=_env(store),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -120,7 +120,7 @@ def _sweep_until_evals(store, name: str, evals: int):
 
 
 def test_a_killed_job_is_marked_failed_then_resumes_into_one_continuous_run(store):
-    from polar.tracking import read_jsonl
+    from polar.sinks import read_jsonl
     from polar.trainer import eval_steps
 
     name = f"killed-{store.kind}"
@@ -159,14 +159,14 @@ def test_a_killed_job_is_marked_failed_then_resumes_into_one_continuous_run(stor
 # ------------------------------------------------------------------ failure, re-run
 
 def test_a_failed_run_says_why_and_a_rerun_resumes_it_replaying_what_mlflow_lacks(store, tmp_path, monkeypatch):
-    from polar.tracking import JsonlSink
-    from sweeps.runs import Tracker
+    from polar.sinks import JsonlSink
+    from sweeps.runs import JobRun
     from sweeps.schema import JobConfig, TrackingConfig
 
     monkeypatch.chdir(store.cwd)           # a sqlite store puts artifacts in ./mlruns
     job = JobConfig(tracking=TrackingConfig(uri=store.uri), experiment_name=f"fail-{store.kind}")
     run_dir = tmp_path / "run"
-    first = Tracker.open(job, "k-fail", "polar-tiny-fail", run_dir)
+    first = JobRun.open(job, "k-fail", "polar-tiny-fail", run_dir)
     first.start({"model": "tiny", "sweep_id": "one"}, config_yaml="model: tiny\n", overrides=["model=tiny"])
     first.sink.log_many([({"train/loss": 1.0}, s) for s in range(1, 11)])
     first.fail(FloatingPointError("non-finite training loss nan at step 11"))
@@ -177,7 +177,7 @@ def test_a_failed_run_says_why_and_a_rerun_resumes_it_replaying_what_mlflow_lack
     # points that reached metrics.jsonl but not MLflow (a kill between the two)
     JsonlSink(run_dir / "metrics.jsonl").log_many([({"train/loss": 0.9}, s) for s in range(11, 16)])
 
-    again = Tracker.open(job, "k-fail", "polar-tiny-fail", run_dir)
+    again = JobRun.open(job, "k-fail", "polar-tiny-fail", run_dir)
     assert again.resumed and again.run_id == first.remote.run_id
     again.start({"model": "tiny", "sweep_id": "two"})
     again.sink.log_many([({"train/loss": 0.8}, s) for s in range(12, 21)])   # 12..15 already logged
@@ -193,8 +193,8 @@ def test_a_failed_run_says_why_and_a_rerun_resumes_it_replaying_what_mlflow_lack
 # ------------------------------------------------------------------ server outage
 
 def test_server_stopped_mid_run_and_restarted_loses_no_point(server, tmp_path, monkeypatch):
-    from polar.tracking import MLflowSink, create_run, ensure_experiment
-    from sweeps.runs import Tracker
+    from polar.sinks import MLflowSink
+    from sweeps.runs import JobRun, create_run, ensure_experiment
     from sweeps.schema import JobConfig, TrackingConfig
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")   # polar's own retries do the work
@@ -213,7 +213,7 @@ def test_server_stopped_mid_run_and_restarted_loses_no_point(server, tmp_path, m
         assert time.perf_counter() - t0 < 1.0                        # training did not wait
         # a job that opens while the server is down trains, then finds its run later
         job = JobConfig(tracking=TrackingConfig(uri=server.uri), experiment_name="outage")
-        late = Tracker.open(job, "k-late", "late-job", tmp_path / "late")
+        late = JobRun.open(job, "k-late", "late-job", tmp_path / "late")
         late.start({"model": "tiny"}, config_yaml="model: tiny\n", overrides=["model=tiny"])
         late.sink.log_many([({"train/loss": 0.5}, s) for s in range(1, 51)])
         time.sleep(1.0)
@@ -234,7 +234,7 @@ def test_server_stopped_mid_run_and_restarted_loses_no_point(server, tmp_path, m
 
 
 def test_a_terminated_job_ends_its_run_failed_at_once(store):
-    from polar.tracking import read_jsonl
+    from polar.sinks import read_jsonl
 
     name = f"sigterm-{store.kind}"
     proc, runs_dir = _sweep_until_evals(store, name, 1)

@@ -3,7 +3,7 @@
 One protocol, three sinks: MLflowSink (the default), JsonlSink (a file beside the
 checkpoints, always written, so that nothing is lost when the tracking server is away),
 NullSink (tracking=off). TeeSink fans out to several; SkipLogged drops the points a
-resumed run already logged.
+resumed run already logged. `read_jsonl` reads a JsonlSink's file back.
 
 MLflowSink never blocks training on the server: calls only queue work, and a background
 thread delivers it in batches (log_batch, <= 1000 metrics a call), retrying with
@@ -11,10 +11,8 @@ exponential backoff while the server is unreachable or answers with errors, and 
 the queue, in order, when it is back. `finish` waits a bounded time for the queue to
 drain and returns the number of metric points it could not deliver (and says so loudly).
 
-Also here: the MLflow helpers the orchestrator needs (experiment, run lookup/creation,
-finding runs whose process died), reading a metrics.jsonl back (`read_jsonl`,
-`jsonl_record`) and replaying it into an MLflow run (`replay_missing`). MLflow is
-imported only inside functions (its import takes seconds).
+No run lifecycle here (finding, creating, resuming or failing runs: sweeps.runs), and no
+names (polar.names). MLflow is imported only inside functions (its import takes seconds).
 """
 
 from __future__ import annotations
@@ -23,8 +21,6 @@ import json
 import logging
 import os
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -40,14 +36,8 @@ DRAIN_TIMEOUT_S = float(os.environ.get("POLAR_TRACKING_DRAIN_S", "120"))
 # MLflow error codes that retrying cannot fix: the task is dropped (and reported)
 PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
                               "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED"})
-# tags naming the process that holds a run RUNNING (see mark_dead_runs)
-HOST_TAG, PID_TAG, PID_START_TAG, ERROR_TAG = "polar.host", "polar.pid", "polar.pid_start", "polar.error"
-SLURM_JOB_TAG = "polar.slurm_job"   # JOBID, or ARRAYJOBID_TASKID for an array task
-# sacct states of a job that may still write to its run (requeued jobs pass through these)
-SLURM_LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-                               "SUSPENDED", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED"})
 
-log = logging.getLogger("polar.tracking")
+log = logging.getLogger("polar.sinks")
 
 
 class MetricSink(Protocol):
@@ -386,125 +376,6 @@ def shout(message: str) -> None:
     print(f"\n{bar}\n!! {message}\n{bar}\n", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------ runs and experiments
-
-def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
-    """The id of experiment `name`, created when missing. Call it once, in the submitting
-    process, before jobs start (parallel creation can race in MLflow)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
-                             f"--experiment-id {found.experiment_id}`) or choose another experiment_name")
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:         # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def find_run(experiment_id: str, run_key: str, tracking_uri: str | None = None):
-    """The newest run of this run key in the experiment, or None."""
-    from mlflow import MlflowClient
-
-    runs = MlflowClient(tracking_uri).search_runs(
-        [experiment_id], filter_string=f"tags.run_key = '{run_key}'",
-        order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def create_run(experiment_id: str, run_name: str, tags: dict, tracking_uri: str | None = None) -> str:
-    from mlflow import MlflowClient
-
-    run = MlflowClient(tracking_uri).create_run(experiment_id, run_name=run_name,
-                                                tags={k: str(v) for k, v in tags.items()})
-    return run.info.run_id
-
-
-# ------------------------------------------------- processes that hold a run open
-
-def process_tags(pid: int | None = None) -> dict[str, str]:
-    """host, pid and the pid's start time (so a recycled pid is not taken for the job),
-    and the SLURM job inside which it runs, if any (asked with sacct from other hosts)."""
-    pid = os.getpid() if pid is None else pid
-    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: _pid_start(pid) or ""}
-    job = slurm_job_id()
-    if job:
-        tags[SLURM_JOB_TAG] = job
-    return tags
-
-
-def slurm_job_id(env=os.environ) -> str | None:
-    """This process's SLURM job as sacct names it: ARRAYJOBID_TASKID for an array task."""
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
-
-
-def slurm_job_alive(job: str, timeout: float = 15.0) -> bool | None:
-    """Whether SLURM's accounting says the job may still run (pending, running,
-    requeued, ...); None when sacct is missing or cannot tell."""
-    try:
-        out = subprocess.run(["sacct", "-j", job, "-n", "-X", "-P", "-o", "State"], capture_output=True,
-                             text=True, timeout=timeout, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    states = [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
-    if out.returncode != 0 or not states:
-        return None
-    return states[-1] in SLURM_LIVE_STATES      # "CANCELLED by 0" -> CANCELLED
-
-
-def _pid_start(pid: int) -> str | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]      # field 22: start time in clock ticks
-
-
-def process_alive(tags: dict) -> bool | None:
-    """Whether the process named by a run's tags still runs: from its pid on this host,
-    else from its SLURM job's state; None when nobody can tell from here."""
-    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
-        return slurm_job_alive(tags[SLURM_JOB_TAG]) if tags.get(SLURM_JOB_TAG) else None
-    pid = int(tags[PID_TAG])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    start, recorded = _pid_start(pid), tags.get(PID_START_TAG)
-    return not (start and recorded and start != recorded)
-
-
-def mark_dead_runs(experiment_id: str, tracking_uri: str | None = None) -> list[str]:
-    """End as FAILED every RUNNING run of the experiment whose process is gone (its pid on
-    this host, or its SLURM job by sacct), e.g. killed with SIGKILL, by the OOM killer or
-    a node failure; returns their names."""
-    from mlflow import MlflowClient
-    from mlflow.entities import RunTag
-
-    client, marked = MlflowClient(tracking_uri), []
-    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
-    for run in runs:
-        tags = run.data.tags
-        if process_alive(tags) is False:
-            where = (f"SLURM job {tags[SLURM_JOB_TAG]}" if tags.get(HOST_TAG) != socket.gethostname()
-                     else f"the process {tags.get(PID_TAG)} on {tags.get(HOST_TAG)}")
-            message = (f"{where}, which ran this job, ended without closing its run "
-                       "(killed: SIGKILL, out of memory, time limit, node failure?)")
-            client.log_batch(run.info.run_id, tags=[RunTag(ERROR_TAG, message)])
-            client.set_terminated(run.info.run_id, "FAILED")
-            marked.append(run.info.run_name)
-    return marked
-
-
 # ------------------------------------------------------------------ reading JSONL
 
 @dataclass
@@ -549,49 +420,3 @@ def read_jsonl(path: str | Path) -> JsonlRun:
                     if k not in ("step", "time"):
                         out.metrics.setdefault(k, {}).setdefault(step, float(v))
     return out
-
-
-def jsonl_record(source: "str | Path | JsonlRun", run_id: str | None = None) -> tuple[dict | None, list[dict]]:
-    """One run's metrics.jsonl (or a JsonlRun read earlier) in analysis's shapes
-    (DESIGN.md "Contracts"): the record {run_id, model, n_params, n_params_nonembed,
-    tokens, compute, loss, run_name, status, lr, batch_size, seed, data_id} (None when the run logged no validation
-    loss) and its curve rows {run_id, step, tokens_seen, flops_seen, val_loss}. run_id
-    defaults to the params' run_key. Only a record whose status is FINISHED is a
-    finished run."""
-    run = source if isinstance(source, JsonlRun) else read_jsonl(source)
-    rid = run_id or run.params.get("run_key") or (None if isinstance(source, JsonlRun) else Path(source).parent.name)
-    val, tok, flo = (run.metrics.get(k, {}) for k in ("val/loss", "tokens_seen", "flops_seen"))
-    curve = [{"run_id": rid, "step": s, "tokens_seen": tok.get(s, float("nan")),
-              "flops_seen": flo.get(s, float("nan")), "val_loss": v} for s, v in sorted(val.items())]
-    final = run.metrics.get("val/loss_final", {})
-    loss = final[max(final)] if final else (curve[-1]["val_loss"] if curve else None)
-    if loss is None:
-        return None, curve
-
-    def num(key):
-        try:
-            return float(run.params[key])
-        except (KeyError, ValueError):
-            return float("nan")
-
-    record = {"run_id": rid, "model": run.params.get("model"), "n_params": num("n_params"),
-              "n_params_nonembed": num("n_params_nonembed"), "tokens": num("tokens"),
-              "compute": num("compute"), "loss": float(loss), "run_name": run.tags.get("mlflow.runName"),
-              "status": run.status, "lr": num("lr"), "batch_size": num("batch_size"), "seed": num("seed"),
-              "data_id": run.params.get("data_id")}
-    return record, curve
-
-
-def replay_missing(source: "str | Path | JsonlRun", sink: MLflowSink, client=None) -> int:
-    """Queue into `sink` the metric points of a metrics.jsonl (or a JsonlRun read earlier)
-    that its MLflow run lacks, compared by key and step; returns how many. Reads the run's
-    history, so it needs the server (queue it with sink.call when it may be away)."""
-    run = source if isinstance(source, JsonlRun) else read_jsonl(source)
-    client = client or sink.client
-    missing = []
-    for key, steps in run.metrics.items():
-        have = {m.step for m in client.get_metric_history(sink.run_id, key)}
-        missing += [({key: v}, s) for s, v in sorted(steps.items()) if s not in have]
-    if missing:
-        sink.log_many(missing)
-    return len(missing)
