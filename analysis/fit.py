@@ -214,16 +214,7 @@ def batched_lbfgs(
         # start from twice the last accepted step (capped at 1): fewer failed trials
         xn, fn, gn, ok, tacc = _backtrack(fun, a, x[a], f[a], d, gd, np.minimum(1.0, 2 * tlast[a]), max_halvings)
         tlast[a] = np.where(ok, tacc, tlast[a])
-        slot = (it - 1) % history
-        s = xn - x[a]
-        y = gn - ga
-        sy = np.einsum("ij,ij->i", s, y)
-        yy = np.einsum("ij,ij->i", y, y)
-        good = ok & (yy > 1e-300) & (sy > 1e-12 * yy)
-        s_hist[slot, a] = np.where(good[:, None], s, 0.0)
-        y_hist[slot, a] = np.where(good[:, None], y, 0.0)
-        rho[slot, a] = np.where(good, 1.0 / np.where(good, sy, 1.0), 0.0)
-        gamma[a] = np.where(good, sy / np.where(good, yy, 1.0), gamma[a])
+        _remember((it - 1) % history, a, xn - x[a], gn - ga, ok, s_hist, y_hist, rho, gamma)
         rel = (f[a] - fn) / np.maximum(np.maximum(np.abs(f[a]), np.abs(fn)), 1e-300)
         stall[a] = np.where(ok & (rel <= ftol), stall[a] + 1, 0)
         x[a], f[a], g[a] = np.where(ok[:, None], xn, x[a]), np.where(ok, fn, f[a]), np.where(ok[:, None], gn, ga)
@@ -233,6 +224,18 @@ def batched_lbfgs(
         # a failed line search ends the problem; it counts as converged only if flat
         converged[a] |= ~ok & (np.max(np.abs(g[a]), axis=1) <= np.sqrt(gtol))
     return x, f, g, converged, it
+
+
+def _remember(slot, a, s, y, ok, s_hist, y_hist, rho, gamma) -> None:
+    """Store the step s and gradient change y of problems `a` in history slot `slot`
+    (in place); a step without positive curvature is stored as zeros (skipped)."""
+    sy = np.einsum("ij,ij->i", s, y)
+    yy = np.einsum("ij,ij->i", y, y)
+    good = ok & (yy > 1e-300) & (sy > 1e-12 * yy)
+    s_hist[slot, a] = np.where(good[:, None], s, 0.0)
+    y_hist[slot, a] = np.where(good[:, None], y, 0.0)
+    rho[slot, a] = np.where(good, 1.0 / np.where(good, sy, 1.0), 0.0)
+    gamma[a] = np.where(good, sy / np.where(good, yy, 1.0), gamma[a])
 
 
 def _two_loop(g, s_hist, y_hist, rho, gamma, slots):

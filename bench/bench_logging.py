@@ -29,7 +29,6 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +86,12 @@ def train(job, data, plan, steps, run_dir, sink):
     from polar.trainer import fit
 
     torch.manual_seed(job.seed)
-    sp = data["special"]
+    sp = data.special
     model = build_model(job.model, bos_token_id=sp["bos"], pad_token_id=sp["pad"], reward_token_id=sp["reward"],
                         sep_token_id=sp["sep"])
-    cfg = replace(job.train, lr=plan.lr, batch_size=plan.batch_size)
+    cfg = job.train.for_trainer(plan.lr, plan.batch_size)
     t0 = time.perf_counter()
-    result = fit(model, data["train"], data["val"], sp, cfg, steps, plan.flops_per_token, run_dir, sink,
+    result = fit(model, data.train, data.val, sp, cfg, steps, plan.flops_per_token, run_dir, sink,
                  progress=False)
     return model, result, time.perf_counter() - t0
 
@@ -100,8 +99,9 @@ def train(job, data, plan, steps, run_dir, sink):
 def bench_model(name: str, uri: str, max_steps: int | None, ab: bool, tmp: Path) -> dict:
     import torch
 
+    from polar.inputs import pretrain_inputs
     from polar.sinks import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink
-    from sweeps.jobs import plan_of, prepare_data, run_key, run_params
+    from sweeps.jobs import plan_of, run_key, run_params
     from sweeps.runs import create_run, ensure_experiment
 
     job = compose_job(name)
@@ -109,14 +109,14 @@ def bench_model(name: str, uri: str, max_steps: int | None, ab: bool, tmp: Path)
         torch.set_num_threads(job.train.threads)
     plan = plan_of(job)
     steps = min(plan.steps, max_steps or plan.steps)
-    data = prepare_data(job)
+    data = pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed)
     exp = ensure_experiment("bench-logging", uri) if not uri.startswith("sqlite:") else \
         _client(uri).create_experiment(f"bench-logging-{name}", artifact_location=str(tmp / "artifacts"))
     run_id = create_run(exp, f"bench-{name}", {"polar.kind": "bench"}, uri)
     remote = MLflowSink(run_id, uri)
     run_dir = tmp / f"run-{name}"
     sink = TimedSink(SkipLogged(TeeSink(JsonlSink(run_dir / "metrics.jsonl"), remote), {}))
-    sink.log_params(run_params(job, plan, run_key(job), data["data_id"]))
+    sink.log_params(run_params(job, plan, run_key(job), data.data_id).as_dict())
     model, result, wall = train(job, data, plan, steps, run_dir, sink)
     delivery_cpu = remote.cpu_seconds
 

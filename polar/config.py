@@ -7,7 +7,7 @@ Hydra, so the same objects serve the CLI, the tests and the library.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -34,7 +34,6 @@ class ModelConfig:
     vocab_size: int = 1024
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         _positive("model", hidden_size=self.hidden_size, num_layers=self.num_layers,
@@ -144,13 +143,13 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Optimisation: AdamW, warmup then cosine decay, clipping, accumulation, evaluation."""
+class TrainSettings:
+    """Optimisation, except the learning rate and batch size: AdamW, warmup then decay,
+    clipping, accumulation, evaluation, where to train. A sweep's recipe chooses LR and
+    batch per run (sweeps/recipes.py); `for_trainer` adds them, making the TrainConfig that
+    the trainer takes."""
 
-    lr: float = 1e-3
-    lr_width_ref: int = 0            # > 0: lr is scaled by lr_width_ref / hidden_size (muP-style)
-    batch_size: int = 32             # triplets per optimizer step
-    micro_batch_size: int = 0        # 0 = batch_size (no accumulation)
+    micro_batch_size: int = 0        # 0 = the whole batch at once (no accumulation)
     warmup_fraction: float = 0.05
     schedule: str = "cosine"         # cosine | constant | linear
     min_lr_ratio: float = 0.1
@@ -160,26 +159,42 @@ class TrainConfig:
     n_evals: int = 12                # validation points per run
     eval_spacing: str = "log"        # log | linear in optimizer steps (= in compute)
     packing: bool = False            # shared-prefix packing (naive two-sequence path if False)
+    device: str = "auto"             # auto (a GPU where there is one, else the CPU) | cpu | cuda
     threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
     dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    backbone_tokens: float = 0.0     # the backbone's pre-training tokens (recipe=polar_law)
     parallel: str = "auto"           # with several ranks: ddp | fsdp | auto (fsdp where one GPU cannot hold the training state)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _positive("train", lr=self.lr, batch_size=self.batch_size, n_evals=self.n_evals)
+        _positive("train", n_evals=self.n_evals)
         _one_of("train", "schedule", self.schedule, ("cosine", "constant", "linear"))
         _one_of("train", "eval_spacing", self.eval_spacing, ("log", "linear"))
         _one_of("train", "dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _one_of("train", "parallel", self.parallel, ("auto", "ddp", "fsdp"))
+        _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
-            raise ValueError(f"train.micro_batch_size={self.micro_batch_size} must be 0 or divide "
-                             f"train.batch_size={self.batch_size}")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"train.micro_batch_size must be >= 0 (0: no accumulation), got {self.micro_batch_size}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
-    @property
-    def accumulation_steps(self) -> int:
-        return self.batch_size // (self.micro_batch_size or self.batch_size)
+    def for_trainer(self, lr: float, batch_size: int, **changes) -> "TrainConfig":
+        """These settings (with `changes`) plus the LR and batch size: the trainer's config."""
+        values = {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
+        return TrainConfig(**{**values, **changes}, lr=lr, batch_size=batch_size)
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """What the trainer takes: the settings plus the peak LR and the (global) batch size."""
+
+    lr: float = 1e-3
+    batch_size: int = 32             # triplets per optimizer step
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("train", lr=self.lr, batch_size=self.batch_size)
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.micro_batch_size={self.micro_batch_size} must be 0 or divide "
+                             f"the batch size {self.batch_size}")

@@ -102,9 +102,17 @@ def _split_top_level(text: str) -> list[str]:
     return parts + [text[start:]]
 
 
-def device_for(env: DistEnv) -> torch.device:
-    """cuda:LOCAL_RANK where there is a GPU, else the CPU."""
-    return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def device_for(env: DistEnv, device: str = "auto") -> torch.device:
+    """Where this rank trains (train.device): auto: cuda:LOCAL_RANK where there is a GPU,
+    else the CPU; cpu: the CPU; cuda: cuda:LOCAL_RANK, or an error without a GPU."""
+    if device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    if device == "cuda":
+        raise RuntimeError("train.device=cuda, but this process sees no CUDA GPU; use train.device=auto "
+                           "(the CPU where there is no GPU) or cpu, or run where a GPU is visible")
+    return torch.device("cpu")
 
 
 def init_distributed(env: DistEnv | None = None, backend: str | None = None,
@@ -169,7 +177,8 @@ def shard(batch, env: DistEnv | None = None):
     env = env or dist_env()
     if len(batch) % env.world_size:
         raise ValueError(f"global batch of {len(batch)} triplets does not split evenly over "
-                         f"{env.world_size} ranks; choose train.batch_size as a multiple of the world size")
+                         f"{env.world_size} ranks; choose a batch size (recipe.batch_size) that is a multiple of "
+                         "the world size")
     per = len(batch) // env.world_size
     return batch.subset(range(env.rank * per, (env.rank + 1) * per))
 

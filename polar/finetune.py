@@ -15,23 +15,19 @@ Tokens follow the reference exactly (polar.template.encode_pieces: encode, cut, 
 join, tokenize; the prompt is cut once for both candidates, as xtuner does), split so that
 layout_ids(prompt, reference, candidate) rebuilds each full sequence.
 
-`finetune(...)` is the whole stage: load a saved model directory, read the data, train with
-polar.trainer.fit (checkpoints, resume, metrics) and save the result as a model directory;
-`prepare_finetune(...)` is its first half, for callers that run fit themselves.
+The stage itself runs through the job path like pre-training (polar.inputs.finetune_inputs,
+sweeps.jobs): `python -m sweeps.run stage=finetune ...`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from polar.scoring import jsonl_objects, require_fields
+from polar.score import jsonl_objects, require_fields
 from polar.template import SFT, WRAPPERS, Layout, as_text, encode_pieces
 
 FIELDS = ("prompt", "reference", "chosen", "rejected")
@@ -94,84 +90,3 @@ def split_rows(rows: Sequence[dict], val_fraction: float, seed: int) -> tuple[li
     n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction)))
     perm = np.random.default_rng(seed).permutation(len(rows))
     return [rows[i] for i in perm[n_val:]], [rows[i] for i in perm[:n_val]]
-
-
-def prepare_finetune(model_dir: str | Path, train_path: str | Path, val_path: str | Path | None = None,
-                     val_fraction: float = 0.1, seed: int = 0, layout: Layout = SFT,
-                     device: str | None = None) -> dict:
-    """What a fine-tuning run needs: the saved model (on `device`), its tokenizer and special
-    ids, train and val TokenTriplets, and the training FLOPs per token of this data.
-    Validation: val_path, else a seeded val_fraction of the training file."""
-    import torch
-
-    from polar.model import load_model
-    from polar.tokenizer import special_ids
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(Path(model_dir)).to(device)
-    tokenizer, train, val = preference_data(model_dir, train_path, val_path, val_fraction, seed, layout)
-    seq_len = float(train.naive_tokens().mean()) / 2
-    return {"model": model, "tokenizer": tokenizer, "special": special_ids(tokenizer), "train": train,
-            "val": val, "flops_per_token": _flops_per_token(model.config, seq_len)}
-
-
-def preference_data(model_dir: str | Path, train_path: str | Path, val_path: str | Path | None = None,
-                    val_fraction: float = 0.1, seed: int = 0, layout: Layout = SFT):
-    """(tokenizer of model_dir, train TokenTriplets, val TokenTriplets), without loading the
-    model. Validation: val_path, else a seeded val_fraction of the training file."""
-    from polar.scoring import _load_tokenizer
-
-    tokenizer = _load_tokenizer(Path(model_dir))
-    rows = read_preferences(train_path)
-    if val_path is not None:
-        train_rows, val_rows = rows, read_preferences(val_path)
-    else:
-        train_rows, val_rows = split_rows(rows, val_fraction, seed)
-    return tokenizer, preference_triplets(train_rows, tokenizer, layout), preference_triplets(val_rows, tokenizer, layout)
-
-
-def finetune(model_dir: str | Path, train_path: str | Path, out_dir: str | Path, cfg, steps: int | None = None,
-             val_path: str | Path | None = None, val_fraction: float = 0.1, layout: Layout = SFT,
-             sink=None, progress: bool = True, device: str | None = None):
-    """Fine-tune the POLAR model saved in model_dir on preference data; returns a FitResult.
-
-    cfg is a polar.config.TrainConfig (lr, batch size, schedule, seed, ...). steps defaults
-    to one epoch (the reference trains reward models for one epoch to avoid overfitting).
-    Checkpoints go to out_dir/run (an interrupted run resumes there); the final model, with
-    its tokenizer, to out_dir/model, written to a temporary folder and renamed.
-    """
-    import torch
-
-    from polar.sinks import NullSink
-    from polar.trainer import fit
-
-    out_dir = Path(out_dir)
-    run = prepare_finetune(model_dir, train_path, val_path, val_fraction, cfg.seed, layout, device)
-    steps = steps if steps is not None else max(1, math.ceil(len(run["train"]) / cfg.batch_size))
-    torch.manual_seed(cfg.seed)
-    result = fit(run["model"], run["train"], run["val"], run["special"], cfg, steps, run["flops_per_token"],
-                 out_dir / "run", sink or NullSink(), progress=progress, desc="finetune")
-    save_model_dir(run["model"], run["tokenizer"], out_dir / "model")
-    return result
-
-
-def save_model_dir(model, tokenizer, path: Path) -> None:
-    """config.json + safetensors + tokenizer files, written beside and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def _flops_per_token(config, seq_len: float) -> float:
-    from polar.config import ModelConfig
-    from polar.model import flops_per_token
-
-    shape = ModelConfig(name=getattr(config, "polar_preset", "finetune"), hidden_size=config.hidden_size,
-                        num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-                        num_kv_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size,
-                        vocab_size=config.vocab_size)
-    return flops_per_token(shape, seq_len)

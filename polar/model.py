@@ -16,15 +16,23 @@ from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
 
 from polar.config import ModelConfig
 
+HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "intermediate_size")
+
+
+def hf_shape(cfg: ModelConfig) -> dict[str, int]:
+    """A preset's shape under transformers' config names (HF_SHAPE_KEYS): the one
+    translation between the two, used to build models and to check saved ones."""
+    values = (cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads,
+              cfg.intermediate_size)
+    return dict(zip(HF_SHAPE_KEYS, values))
+
 
 def hf_config(cfg: ModelConfig, *, bos_token_id: int = 1, pad_token_id: int = 0,
               reward_token_id: int | None = None, sep_token_id: int | None = None) -> LlamaConfig:
     """The transformers config of a shape; POLAR's special-token ids ride along."""
     config = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
+        **hf_shape(cfg), max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
         tie_word_embeddings=False, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
         eos_token_id=None, attention_bias=False, mlp_bias=False,
     )
@@ -74,7 +82,9 @@ class PolarRewardModel(LlamaPreTrainedModel):
 def build_model(cfg: ModelConfig, attn_implementation: str = "polar_sdpa", **token_ids: int | None) -> PolarRewardModel:
     """A randomly initialised model; attention "polar_sdpa" (SDPA, faster on packed
     batches; polar.packing), "sdpa", "flex_attention" (CUDA, packed path) or "eager"."""
-    import polar.packing  # noqa: F401 - registers the polar_sdpa attention
+    from polar.packing import register_attention
+
+    register_attention()
     config = hf_config(cfg, **token_ids)
     config._attn_implementation = attn_implementation
     return PolarRewardModel(config)
@@ -83,6 +93,9 @@ def build_model(cfg: ModelConfig, attn_implementation: str = "polar_sdpa", **tok
 def set_attention(model: PolarRewardModel, attn_implementation: str) -> PolarRewardModel:
     """Switch a built model's attention implementation in place (e.g. to flex_attention
     before packed training on CUDA); returns the model."""
+    from polar.packing import register_attention
+
+    register_attention()
     model.set_attn_implementation(attn_implementation)
     return model
 

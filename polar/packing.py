@@ -55,10 +55,6 @@ class PackedBatch:
     score_cols: torch.Tensor
 
     @property
-    def n_triplets(self) -> int:
-        return self.score_rows.shape[0] // 2
-
-    @property
     def n_tokens(self) -> int:
         """Tokens of the triplets, padding excluded."""
         return int((self.doc != PAD_DOC).sum())
@@ -236,15 +232,14 @@ def split_sdpa_attention(module, query, key, value, attention_mask, dropout: flo
     return torch.cat([head, tail], dim=2).transpose(1, 2).contiguous(), None
 
 
-def _register_polar_sdpa() -> None:
+def register_attention() -> None:
+    """Make "polar_sdpa" an attention implementation transformers knows (idempotent);
+    polar.model calls it before building or switching a model to it."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register("polar_sdpa", split_sdpa_attention)
     AttentionMaskInterface.register("polar_sdpa", sdpa_mask)
-
-
-_register_polar_sdpa()
 
 
 def attention_for(device, packing: bool) -> str:

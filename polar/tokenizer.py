@@ -62,6 +62,15 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def model_tokenizer(model_dir: str | Path):
+    """The tokenizer saved beside a model, with a clear error when there is none."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"{str(model_dir)!r} holds a model but no tokenizer (tokenizer.json or "
+                         "tokenizer_config.json): save the tokenizer beside the model")
+    return load_tokenizer(model_dir)
+
+
 def special_ids(tok) -> dict[str, int]:
     """bos, sep (<|reward|>), reward (score token) and pad ids of a tokenizer."""
     vocab = tok.get_vocab()

@@ -52,7 +52,7 @@ class Preempted(Exception):
 
 
 @dataclass
-class FitResult:
+class TrainResult:
     val_loss: float
     val_acc: float
     steps: int
@@ -151,25 +151,21 @@ def _autocast(cfg: TrainConfig, device):
 def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
         steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
-        stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> FitResult:
+        stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> TrainResult:
     """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present.
     position: the terminal line of the progress bar when several jobs share a terminal.
     stop: asked after every step (on every rank); when it says so on any rank, fit logs,
     checkpoints that step and raises Preempted (a job about to be requeued by SLURM).
-    With several ranks (env), pass the model wrapped by `polar.distributed.wrap_model`
-    and the real sink on rank 0 only (a NullSink elsewhere); cfg.batch_size is the
-    global batch, of which each rank trains on its share.
-    Each evaluation also logs the training throughput since the previous one
-    (throughput/tokens_per_s, all ranks together, evaluation and checkpoints excluded)
-    and, where the peak FLOP/s of one device is given (peak_flops), the model FLOPs
-    utilisation (mfu)."""
+    With several ranks (env), pass the model wrapped by `polar.distributed.wrap_model` and
+    the real sink on rank 0 only; cfg.batch_size is the global batch, shared by the ranks.
+    Evaluations also log the training throughput since the previous one (all ranks,
+    evaluation and checkpoints excluded) and, given one device's peak_flops, the MFU."""
     from tqdm import tqdm
 
     env = env or dist_env()
     device = next(model.parameters()).device
     run_dir = Path(run_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     state = load_checkpoint(run_dir, model, optimizer, env)
     step, tokens_seen = state["step"], state["tokens_seen"]
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
@@ -194,17 +190,14 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         loss = mean_across(train_step(model, optimizer, shard(batch, env), special, cfg, device))
         step += 1
         tokens_seen += int((batch.packed_tokens() if cfg.packing else batch.naive_tokens()).sum())
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss} at step {step}; the last good "
-                                     f"checkpoint in {run_dir} is kept (try a lower train.lr)")
+        _check_finite(loss, step, run_dir)
         buffer.append(({names.TRAIN_LOSS: loss, names.LR: optimizer.param_groups[0]["lr"]}, step))
         bar.update(1)
         if step in evals:
             speed = throughput(tokens_seen - mark[1], time.perf_counter() - mark[0], flops_per_token,
                                peak_flops, env.world_size)
             val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
-            buffer.append(({names.VAL_LOSS: val_loss, names.VAL_ACC: val_acc, names.TOKENS_SEEN: tokens_seen,
-                            names.FLOPS_SEEN: tokens_seen * flops_per_token, **speed}, step))
+            buffer.append((_eval_point(val_loss, val_acc, tokens_seen, flops_per_token, speed), step))
             flush_and_checkpoint()
             mark = (time.perf_counter(), tokens_seen)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
@@ -214,7 +207,18 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
             bar.close()
             raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
-    return FitResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+    return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+
+
+def _check_finite(loss: float, step: int, run_dir: Path) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite training loss {loss} at step {step}; the last good "
+                                 f"checkpoint in {run_dir} is kept (try a lower learning rate)")
+
+
+def _eval_point(val_loss: float, val_acc: float, tokens_seen: int, flops_per_token: float, speed: dict) -> dict:
+    return {names.VAL_LOSS: val_loss, names.VAL_ACC: val_acc, names.TOKENS_SEEN: tokens_seen,
+            names.FLOPS_SEEN: tokens_seen * flops_per_token, **speed}
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float, peak_flops: float | None,
@@ -276,6 +280,7 @@ def _by_name(optim_state: dict, model) -> dict:
 
 
 def _shape(model) -> list[int]:
+    from polar.model import HF_SHAPE_KEYS
+
     c = unwrap(model).config
-    return [c.vocab_size, c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-            c.num_key_value_heads, c.intermediate_size]
+    return [getattr(c, k) for k in HF_SHAPE_KEYS]

@@ -1,33 +1,24 @@
-"""Pure derivation: preset + budget (+ recipe) -> the plan of one training run.
+"""Pure derivation: preset + budget + recipe -> the plan of one training run.
 
 Everything a job or a dry run needs to know before it starts: parameter counts, FLOPs
-per token, planned tokens and compute, optimizer steps, batch size, learning rate and
-the resources to ask for. No I/O; every function here is a function of its arguments.
+per token, planned tokens and compute, optimizer steps, batch size and learning rate
+(from the job's recipe, sweeps/recipes.py), where it trains (GPUs, or the CPU for
+train.device=cpu) and the resources to ask for. No I/O; every function here is a
+function of its arguments.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
-from polar.config import DataConfig, ModelConfig, TrainConfig
+from polar.config import DataConfig, ModelConfig, TrainSettings
 from polar.model import flops_per_token, n_params, n_params_nonembed
+from sweeps.recipes import FixedRecipe, Recipe
+from sweeps.schema import ResourcesConfig
 
 ADAMW_BYTES_PER_PARAM = 16   # fp32 weights + grads + two Adam moments
-
-
-@dataclass
-class ResourcesConfig:
-    """How to size a job on GPUs, and when a CPU-only machine should refuse it."""
-
-    gpu_memory_gb: float = 80.0
-    gpus_per_node: int = 8
-    gpu_peak_flops: float = 989e12          # H100 SXM dense bf16
-    assumed_mfu: float = 0.35
-    time_margin: float = 1.5                # requested time = estimate x margin (+ 10 min)
-    cpu_flops: float = 1e10                 # fp32 training on a laptop core; tiny models are overhead-bound
-    cpu_memory_gb: float = 8.0              # refuse local CPU runs that need more
-    cpu_max_hours: float = 2.0              # refuse local CPU runs that would take longer
 
 
 @dataclass(frozen=True)
@@ -43,12 +34,16 @@ class Plan:
     batch_size: int
     lr: float
     steps: int
-    gpus: int
+    gpus: int                      # 0: trains on the CPU (train.device=cpu)
     nodes: int
-    memory_gb: float
+    memory_gb: float               # per GPU; on the CPU, of the whole run
     time_limit_min: int
     gpu_hours: float
     parallel: str = "ddp"          # how the ranks of a multi-GPU job share the model: ddp | fsdp
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.gpus == 0
 
 
 def sequence_lengths(data: DataConfig, packing: bool = False) -> tuple[float, float]:
@@ -61,57 +56,52 @@ def sequence_lengths(data: DataConfig, packing: bool = False) -> tuple[float, fl
     return seq, (2 + 2 * p + r + 2 * (r + 1)) if packing else 2 * seq
 
 
-def polar_lr(n_params: float, backbone_tokens: float, rm_tokens: float) -> float:
-    """POLAR's fitted LR law; N in millions of parameters, token counts in billions."""
-    return 2.306e-4 * (n_params / 1e6) ** 0.01125 * (backbone_tokens / 1e9) ** -0.66587 \
-        * (rm_tokens / 1e9) ** 0.33916
-
-
-def polar_batch_size(n_params: float, rm_tokens: float) -> float:
-    """POLAR's fitted batch-size law (in sequences); N in millions, tokens in billions."""
-    return 31.9032 * (n_params / 1e6) ** 0.06944 * (rm_tokens / 1e9) ** 0.52997
-
-
-def plan_run(model: ModelConfig, data: DataConfig, train: TrainConfig, tokens: float | None,
-             flops: float | None, recipe: str = "fixed", backbone_tokens: float = 0.0,
+def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens: float | None,
+             flops: float | None, recipe: Optional[Recipe] = None,
              resources: ResourcesConfig = ResourcesConfig(),
              lengths: tuple[float, float] | None = None) -> Plan:
-    """The plan of one run. Exactly one of tokens / flops is given. lengths: (mean
+    """The plan of one run. Exactly one of tokens / flops is given; recipe: how batch and
+    LR follow from the size and the tokens (None: FixedRecipe's defaults). lengths: (mean
     sequence length, tokens per triplet) measured on real data (fine-tuning), instead of
     the synthesis config's (sequence_lengths)."""
     if (tokens is None) == (flops is None):
         raise ValueError("give exactly one budget: budget.tokens=... or budget.flops=... "
                          f"(got tokens={tokens}, flops={flops})")
+    recipe = recipe if recipe is not None else FixedRecipe()
     seq, per_triplet = lengths or sequence_lengths(data, train.packing)
     fpt = flops_per_token(model, seq)
     tokens = tokens if tokens is not None else flops / fpt
     n = n_params(model)
-    batch, lr = _recipe(recipe, train, n, tokens, backbone_tokens)
-    if recipe == "fixed" and train.lr_width_ref > 0:
-        lr = lr * train.lr_width_ref / model.hidden_size
-    gpus, nodes, mem, minutes, gpu_hours = _resources(n, tokens * fpt, resources)
-    if recipe != "fixed":
-        batch = -(-batch // gpus) * gpus             # every rank gets an equal share
-    if batch % gpus:
-        raise ValueError(f"train.batch_size={batch} does not split over the {gpus} GPUs that model "
-                         f"{model.name!r} needs; choose a multiple of {gpus}")
+    batch, lr = recipe.batch_and_lr(n, model.hidden_size, tokens)
+    if train.device == "cpu":
+        gpus, nodes, mem, minutes, gpu_hours = 0, 1, round(cpu_state_gb(n), 1), cpu_minutes(tokens * fpt, resources), 0.0
+    else:
+        gpus, nodes, mem, minutes, gpu_hours = _resources(n, tokens * fpt, resources)
+    batch = _split_batch(batch, recipe, model, max(1, gpus), train.micro_batch_size)
     steps = math.floor(tokens / (per_triplet * batch))
     if steps < 1:
         raise ValueError(f"budget too small for one optimizer step of model {model.name!r}: "
                          f"{tokens:.3g} tokens < one batch of {batch} triplets x {per_triplet:.0f} "
-                         f"tokens = {batch * per_triplet:.3g}; raise the budget or lower train.batch_size")
+                         f"tokens = {batch * per_triplet:.3g}; raise the budget or lower recipe.batch_size")
     parallel = train.parallel if train.parallel != "auto" else ("fsdp" if gpus > 1 else "ddp")
     return Plan(model.name, n, n_params_nonembed(model), fpt, seq, per_triplet, tokens, tokens * fpt,
                 batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours, parallel)
 
 
-def _recipe(recipe: str, train: TrainConfig, n: int, tokens: float, backbone_tokens: float):
-    if recipe == "fixed":
-        return train.batch_size, train.lr
-    if backbone_tokens <= 0:
-        raise ValueError("recipe=polar_law needs train.backbone_tokens (the backbone's pre-training "
-                         "tokens, e.g. 2e12), got {backbone_tokens}")
-    return max(1, round(polar_batch_size(n, tokens))), polar_lr(n, backbone_tokens, tokens)
+def _split_batch(batch: int, recipe: Recipe, model: ModelConfig, ranks: int, micro: int) -> int:
+    """The recipe's batch, fitted to the ranks (an equal share each) and to the micro-batch
+    (the trainer's TrainConfig needs it to divide the batch): a law's value is rounded up,
+    the user's own (recipe.exact_batch) must fit as it is."""
+    if not recipe.exact_batch:
+        unit = math.lcm(ranks, micro or 1)
+        return -(-batch // unit) * unit
+    if batch % ranks:
+        raise ValueError(f"recipe.batch_size={batch} does not split over the {ranks} GPUs that model "
+                         f"{model.name!r} needs; choose a multiple of {ranks}")
+    if micro and batch % micro:
+        raise ValueError(f"train.micro_batch_size={micro} does not divide recipe.batch_size={batch}; choose a "
+                         "micro-batch that divides it, or 0 for none")
+    return batch
 
 
 def _resources(n: int, compute: float, res: ResourcesConfig):
@@ -125,10 +115,21 @@ def _resources(n: int, compute: float, res: ResourcesConfig):
     return gpus, nodes, round(min(res.gpu_memory_gb, state_gb / gpus * 1.6 + 4), 1), minutes, hours * gpus
 
 
+def cpu_state_gb(n: int) -> float:
+    """Memory of a CPU run of n parameters: AdamW state (weights, grads, two moments) with
+    50% for activations and buffers, plus 0.5 GB for the interpreter, torch and the data."""
+    return n * ADAMW_BYTES_PER_PARAM / 1e9 * 1.5 + 0.5
+
+
 def cpu_memory_gb(plan: Plan) -> float:
-    """Memory of a CPU run: AdamW state (weights, grads, two moments) with 50% for
-    activations and buffers, plus 0.5 GB for the interpreter, torch and the data."""
-    return plan.n_params * ADAMW_BYTES_PER_PARAM / 1e9 * 1.5 + 0.5
+    """Memory of the plan's run on the CPU (cpu_state_gb)."""
+    return cpu_state_gb(plan.n_params)
+
+
+def cpu_minutes(compute: float, res: ResourcesConfig) -> int:
+    """Time limit of a CPU-only run of `compute` FLOPs at resources.cpu_flops, with the
+    same margin as on GPUs (x time_margin + 10 min)."""
+    return int(math.ceil(compute / res.cpu_flops / 60 * res.time_margin)) + 10
 
 
 def local_refusal(plan: Plan, res: ResourcesConfig) -> str | None:

@@ -1,10 +1,12 @@
 """Structured configs: the typed schema behind every YAML file in conf/.
 
-The science's dataclasses (polar.config) are reused as they are; this module adds the
-sweep-level ones (budget, tracking, paths) and registers the whole tree with Hydra's
-ConfigStore, so a typo'd key or a wrong type fails before anything starts.
-`to_job_config` converts a DictConfig into plain dataclasses once, at the entry point,
-which runs every __post_init__ validation.
+The science's dataclasses (polar.config) and the recipes (sweeps.recipes) are reused as
+they are; this module adds the sweep-level ones (budget, resources, tracking, paths) and
+registers the whole tree with Hydra's ConfigStore (the job config as `base_config`, the
+recipes as `recipe/base_fixed` and `recipe/base_polar_law`, under conf/recipe/*.yaml),
+so a typo'd key or a wrong type fails before anything starts. `to_job_config` converts a
+DictConfig into plain dataclasses once, at the entry point, which runs every
+__post_init__ validation.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from polar.config import DataConfig, ModelConfig, TrainConfig
-from sweeps.derive import ResourcesConfig
+from polar.config import DataConfig, ModelConfig, TrainSettings
+from sweeps.recipes import RECIPES, FixedRecipe, Recipe
 
-RECIPES = ("fixed", "polar_law")
 STAGES = ("pretrain", "finetune")
 TRACKING_BACKENDS = ("mlflow", "off")
 
@@ -36,6 +37,20 @@ class BudgetConfig:
         for key, value in given.items():
             if value <= 0:
                 raise ValueError(f"budget.{key} must be > 0, got {value}")
+
+
+@dataclass
+class ResourcesConfig:
+    """How to size a job on GPUs, and when a CPU-only machine should refuse it."""
+
+    gpu_memory_gb: float = 80.0
+    gpus_per_node: int = 8
+    gpu_peak_flops: float = 989e12          # H100 SXM dense bf16
+    assumed_mfu: float = 0.35
+    time_margin: float = 1.5                # requested time = estimate x margin (+ 10 min)
+    cpu_flops: float = 1e10                 # fp32 training on a laptop core; tiny models are overhead-bound
+    cpu_memory_gb: float = 8.0              # refuse local CPU runs that need more
+    cpu_max_hours: float = 2.0              # refuse local CPU runs that would take longer
 
 
 @dataclass
@@ -79,7 +94,8 @@ class FinetuneConfig:
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    recipe: Recipe = field(default_factory=FixedRecipe)   # in Hydra: the `recipe` group (conf/recipe/)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -87,11 +103,10 @@ class JobConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     experiment_name: str = "default"
     stage: str = "pretrain"           # pretrain | finetune
-    recipe: str = "fixed"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
+        if not isinstance(self.recipe, Recipe):
             raise ValueError(f"recipe={self.recipe!r} is not valid; choose one of {list(RECIPES)}")
         if self.stage not in STAGES:
             raise ValueError(f"stage={self.stage!r} is not valid; choose one of {list(STAGES)}")
@@ -101,10 +116,19 @@ class JobConfig:
 
 
 def register() -> None:
-    """Register the schema so conf/config.yaml can list `base_config` first in its defaults."""
+    """Register the schema so conf/config.yaml can list `base_config` first in its defaults,
+    and each recipe's schema for conf/recipe/NAME.yaml to extend (`base_NAME`). In the
+    registered job config the recipe is missing: the defaults list's `recipe` group picks it
+    (a field typed Recipe takes FixedRecipe or PolarLawRecipe, whichever is chosen)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import MISSING, OmegaConf
 
-    ConfigStore.instance().store(name="base_config", node=JobConfig)
+    store = ConfigStore.instance()
+    node = OmegaConf.structured(JobConfig)
+    node.recipe = MISSING
+    store.store(name="base_config", node=node)
+    for name, schema in RECIPES.items():
+        store.store(group="recipe", name=f"base_{name}", node=schema)
 
 
 def to_job_config(cfg) -> JobConfig:

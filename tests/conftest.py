@@ -1,4 +1,5 @@
-"""Shared fixtures: one torch thread per process, a tiny cached tokenizer and data set."""
+"""Shared fixtures: one torch thread per process, a tiny cached tokenizer and data set
+(the settings and helpers themselves live in tests/fixtures.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures import easy_data_config, synthesized_triplets, tiny_data_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -17,16 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-def tiny_data_config(**overrides):
-    from polar.config import DataConfig, PolicySpec
-
-    policies = [PolicySpec(order=o, source=s, temperature=t)
-                for o in (1, 2) for s in ("pydoc", "stdlib") for t in (0.7, 1.3)]
-    base = dict(corpus=["pydoc", "stdlib"], vocab_size=512, policies=policies, n_train=256, n_val=64,
-                prefix_min=6, prefix_max=12, response_len=12, shard_size=128, seed=0)
-    return DataConfig(**{**base, **overrides})
-
-
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("polar-cache")
@@ -34,23 +27,24 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(cache_dir):
+    """The tiny data set's BPE tokenizer (a 512-token vocabulary)."""
     from polar.tokenizer import cached_bpe
 
-    return cached_bpe(["pydoc", "stdlib"], 512, cache_dir)
+    cfg = tiny_data_config()
+    return cached_bpe(cfg.corpus, cfg.vocab_size, cache_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_data(tokenizer, cache_dir):
     """(DataConfig, data dir, train TokenTriplets, val TokenTriplets, special ids)."""
-    from polar.data import tokenize_triplets
-    from polar.synthesis import read_split, synthesize
-    from polar.tokenizer import special_ids
+    cfg, out = tiny_data_config(), cache_dir / "tiny-data"
+    return (cfg, out, *synthesized_triplets(cfg, tokenizer, out))
 
-    cfg = tiny_data_config()
-    out = cache_dir / "tiny-data"
-    synthesize(cfg, tokenizer, out, progress=False)
-    return (cfg, out, tokenize_triplets(read_split(out, "train"), tokenizer),
-            tokenize_triplets(read_split(out, "val"), tokenizer), special_ids(tokenizer))
+
+@pytest.fixture(scope="session")
+def easy_data(tokenizer, cache_dir):
+    """(train TokenTriplets, val TokenTriplets, special ids) of tests.fixtures.easy_data_config()."""
+    return synthesized_triplets(easy_data_config(), tokenizer, cache_dir / "easy-data")
 
 
 def pytest_runtest_setup(item):

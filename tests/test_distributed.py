@@ -2,22 +2,16 @@
 like one process on the same global batch: a train step, and `fit` with its
 checkpoints (written by two ranks, resumed by one)."""
 
-import random
-
 import pytest
 import torch
 
-from polar.config import ModelConfig, TrainConfig
-from polar.data import TokenTriplets
+from polar.config import TrainConfig
 from polar.distributed import DistEnv, dist_env, first_host, shard, wrap_model
-from polar.model import build_model
 from polar.sinks import NullSink
 from polar.trainer import CHECKPOINT, evaluate, fit, train_step
+from tests.fixtures import RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model
 from tests.mlflow_server import free_port
 
-SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}
-SHAPE = ModelConfig(name="t", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, vocab_size=64)
 STEPS, GLOBAL_BATCH = 3, 8
 # mode -> packing: both parallel modes, both collation paths
 RUNS = {"ddp": False, "fsdp": True}
@@ -53,13 +47,8 @@ def test_shard_splits_the_global_batch_and_refuses_uneven_splits():
         wrap_model(torch.nn.Linear(1, 1), "zero3")
 
 
-def _triplets(step: int = 0, n: int = GLOBAL_BATCH) -> TokenTriplets:
-    rng = random.Random(step)
-
-    def piece():
-        return [rng.randrange(4, SHAPE.vocab_size) for _ in range(rng.randrange(1, 10))]
-
-    return TokenTriplets(*[[piece() for _ in range(n)] for _ in range(4)])
+def _triplets(step: int = 0, n: int = GLOBAL_BATCH):
+    return random_triplets(n, seed=step, shortest=1, longest=10)
 
 
 def _train(model, packing: bool, rank_batch=lambda batch: batch) -> list[float]:
@@ -71,8 +60,7 @@ def _train(model, packing: bool, rank_batch=lambda batch: batch) -> list[float]:
 
 
 def _fresh_model():
-    torch.manual_seed(0)
-    return build_model(SHAPE)
+    return seeded_model(cfg=RANDOM_IDS_MODEL)
 
 
 def _spawn_two(worker, out) -> None:

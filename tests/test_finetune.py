@@ -1,24 +1,19 @@
 """Preference fine-tuning: the reference's JSONL becomes triplet rows and faithful tokens;
 bad lines are named; the finetune stage trains, saves a scorable model directory."""
 
-import json
-from pathlib import Path
-
 import pytest
 
-from polar.finetune import BadPreferenceData, finetune, preference_triplets, read_preferences, split_rows
+from polar.finetune import BadPreferenceData, preference_triplets, read_preferences, split_rows
 from polar.template import PRETRAIN, SFT, encode, layout_ids
 from polar.tokenizer import special_ids
+from tests.fixtures import job_config, save_model, seeded_model, write_jsonl
+
+FINETUNE_RECIPE = ["recipe.lr=3e-3", "recipe.batch_size=16"]
 
 RECORD = {"prompt": [{"role": "user", "content": "What is the capital of China?"}],
           "reference": [{"role": "assistant", "content": "Beijing."}],
           "chosen": [{"role": "assistant", "content": "Beijing."}],
           "rejected": [{"role": "assistant", "content": "Shanghai."}]}
-
-
-def write_jsonl(path: Path, lines) -> Path:
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
-    return path
 
 
 def test_reference_format_becomes_triplet_rows(tmp_path):
@@ -62,28 +57,34 @@ def test_tokens_are_the_references_sequences(tokenizer, tmp_path):
     assert "\n" in tokenizer.decode(t.prompt[0] + t.reference[0]) and len(t.prompt[0]) > 3
 
 
-def test_finetune_learns_preferences_and_saves_a_scorable_model(tokenizer, tmp_path):
-    from polar.config import TrainConfig
-    from polar.scoring import RewardScorer
+def test_finetune_stage_learns_preferences_and_saves_a_scorable_model(tokenizer, tmp_path):
+    """The stage runs through the job path (sweeps.jobs.run_job), as `python -m sweeps.run
+    stage=finetune` does: plan from the measured data, inputs, fit, save."""
+    from polar.score import RewardScorer
     from polar.trainer import evaluate
-    from tests.test_scoring import new_model, save_model
+    from sweeps.jobs import plan_job, run_job
 
-    model_dir = save_model(new_model(tokenizer), tokenizer, tmp_path / "base")
+    special = special_ids(tokenizer)
+    model_dir = save_model(seeded_model(special), tokenizer, tmp_path / "base")
     records = [{"prompt": [{"role": "user", "content": f"Question {i}: what does f({i}) return?"}],
                 "reference": f"f({i}) returns {i * 2}.", "chosen": f"It returns {i * 2}, as documented.",
                 "rejected": "I do not know, sorry!!"} for i in range(96)]
     train = write_jsonl(tmp_path / "train.jsonl", records[:80])
     val = write_jsonl(tmp_path / "val.jsonl", records[80:])
-    special = special_ids(tokenizer)
-    val_triplets = preference_triplets(read_preferences(val), tokenizer)
-    before, _ = evaluate(new_model(tokenizer), val_triplets, special)
-    cfg = TrainConfig(lr=3e-3, batch_size=16, n_evals=2, warmup_fraction=0.0)
-    result = finetune(model_dir, train, tmp_path / "ft", cfg, steps=20, val_path=val, progress=False, device="cpu")
-    assert result.steps == 20 and result.val_loss < before - 0.1 and result.val_acc == 1.0
-    scorer = RewardScorer(tmp_path / "ft" / "model", device="cpu")
-    chosen, rejected = scorer.score(records[90]["prompt"], records[90]["reference"],
-                                    [records[90]["chosen"], records[90]["rejected"]])
+    before, _ = evaluate(seeded_model(special), preference_triplets(read_preferences(val), tokenizer), special)
+    base = ["stage=finetune", "model=debug", "tracking=off", "train.threads=1", "train.n_evals=2",
+            "train.warmup_fraction=0.0", f"finetune.init_from={model_dir}", f"finetune.train_path={train}",
+            f"paths.runs_dir={tmp_path / 'runs'}", *FINETUNE_RECIPE]
+    epoch = plan_job(job_config(*base, f"finetune.val_path={val}"))
+    assert epoch.steps == 5                                         # one epoch: 80 records / 16
+    job = job_config(*base, f"finetune.val_path={val}",            # a budget of 20.5 steps' tokens
+                     f"budget.tokens={epoch.tokens_per_triplet * epoch.batch_size * 20.5}")
+    assert plan_job(job).steps == 20
+    result = run_job(job)
+    assert not result["skipped"] and result["val_loss"] < before - 0.1
+    model_out = tmp_path / "runs" / result["run_key"] / "model"
+    chosen, rejected = RewardScorer(model_out, device="cpu").score(
+        records[90]["prompt"], records[90]["reference"], [records[90]["chosen"], records[90]["rejected"]])
     assert chosen > rejected
     # one epoch by default; a held-out share of the training file when no val file is given
-    again = finetune(model_dir, train, tmp_path / "ft2", cfg, val_fraction=0.2, progress=False, device="cpu")
-    assert again.steps == 4     # ceil(64 / 16)
+    assert plan_job(job_config(*base, "finetune.val_fraction=0.2")).steps == 4     # ceil(64 / 16)

@@ -1,6 +1,7 @@
 """The launchers without a cluster: the dry-run table, checks before anything starts
-(every bad job listed, empty sweep, SLURM unreachable, local refusal), and the grouping
-of a sweep into one SLURM job array per resource shape (pure functions)."""
+(every bad job listed, empty sweep, SLURM unreachable, local refusal), the launchers'
+schemas, and the grouping of a sweep into one SLURM job array per resource shape (pure
+functions). Hydra's own launcher test suite runs in tests/test_launcher_suite.py."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from sweeps.derive import Plan, ResourcesConfig
+from sweeps.derive import Plan, cpu_minutes
 from sweeps.jobs import plan_of
-from sweeps.launch import (
+from sweeps.schema import JobConfig, ResourcesConfig
+from sweeps.sweep_plan import (
     PlannedJob,
     Shape,
     SweepError,
-    cpu_minutes,
     group_by_shape,
+    job_shape,
     job_table,
     largest_first,
     local_workers,
@@ -27,7 +29,6 @@ from sweeps.launch import (
     shape_of,
     varying_overrides,
 )
-from sweeps.schema import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +60,7 @@ def plan_for(*overrides: str) -> Plan:
 # ------------------------------------------------------------------ dryrun
 
 def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
-    out = sweep(tmp_path, "model=1.8b,7b", "budget.tokens=1e9", "hydra/launcher=dryrun")
+    out = sweep(tmp_path, "model=1.8b,7b", "budget.tokens=1e9", "train=gpu", "hydra/launcher=dryrun")
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("#"))
@@ -68,7 +69,7 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
         assert column in header
     rows = {line.split()[1]: line.split() for line in lines if line[:1].isdigit()}
     assert set(rows) == {"1.8b", "7b"}
-    plans = {m: plan_for(f"model={m}", "budget.tokens=1e9") for m in ("1.8b", "7b")}
+    plans = {m: plan_for(f"model={m}", "budget.tokens=1e9", "train=gpu") for m in ("1.8b", "7b")}
     for model, plan in plans.items():
         cells = rows[model]
         assert cells[3] == "1B" and cells[5] == str(plan.steps)
@@ -83,6 +84,19 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
     assert "nothing started" in out.stdout
     # no MLflow, no training, no run folders
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_cpu_jobs_plan_no_gpu_in_the_table_and_the_slurm_arrays(tmp_path):
+    """train=cpu (the default): the table and the arrays slurm would submit agree, no GPU."""
+    out = sweep(tmp_path, "model=10k,20k", "budget.tokens=20000", "hydra/launcher=dryrun")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line[:1].isdigit()]
+    plans = [plan_for(f"model={m}", "budget.tokens=20000", "train.threads=1") for m in ("10k", "20k")]
+    assert [r[1] for r in rows] == ["10k", "20k"] and [r[8] for r in rows] == ["0", "0"]
+    assert all(p.on_cpu for p in plans) and {r[12] for r in rows} == {"0"}    # no GPU-hours
+    assert "would submit 1 job array" in out.stdout
+    array = next(line for line in out.stdout.splitlines() if "jobs #0 #1" in line)
+    assert "no GPU" in array and "1 CPU" in array and rows[0][11] in array    # train.threads=1; the time limit
 
 
 def test_the_demo_ladder_spans_30x_in_one_pass_over_its_data(tmp_path):
@@ -186,9 +200,38 @@ def test_slurm_launcher_config_defaults():
     assert launcher.max_num_timeout > 0
     assert launcher.name == "polar-xyz"
     for key in ("partition", "account", "qos", "constraint", "setup", "nodes", "gpus_per_node", "mem_gb",
-                "timeout_min"):
+                "timeout_min", "cpus_per_task"):
         assert key in launcher and launcher[key] is None
     assert "partition" not in cfg and "max_num_timeout" not in cfg   # SLURM keys stay in the launcher
+
+
+def launcher_config(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from sweeps.schema import register
+
+    register()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", list(overrides), return_hydra_config=True).hydra.launcher
+
+
+def test_every_launcher_yaml_extends_its_registered_schema():
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.polar_launchers.config import PolarDryRunConf, PolarLocalConf, PolarSlurmConf
+
+    for name, schema in (("local", PolarLocalConf), ("dryrun", PolarDryRunConf), ("slurm", PolarSlurmConf)):
+        launcher = launcher_config(f"hydra/launcher={name}")
+        assert OmegaConf.get_type(launcher) is schema, name
+        assert launcher._target_ == schema._target_
+    assert launcher_config().n_jobs == "auto" and launcher_config("hydra.launcher.n_jobs=3").n_jobs == 3
+    assert launcher_config("hydra/launcher=dryrun", "hydra.launcher.gpus_per_node=0").gpus_per_node == 0
+    with pytest.raises(Exception, match="n_jobs"):                   # typed: Union[int, str]
+        launcher_config("hydra.launcher.n_jobs=1.5")
+    with pytest.raises(Exception, match="show_slurm_arrays"):        # typed: bool
+        launcher_config("hydra/launcher=dryrun", "hydra.launcher.show_slurm_arrays=maybe")
+    with pytest.raises(Exception, match="Could not override 'hydra.launcher.n_job'"):
+        launcher_config("hydra.launcher.n_job=2")
 
 
 # ------------------------------------------------------------------ shapes and grouping (pure)
@@ -218,9 +261,26 @@ def test_overrides_and_cpu_only_shapes():
     assert (forced.gpus_per_node, forced.tasks_per_node, forced.mem_gb, forced.timeout_min) == (4, 4, 0, 120)
     assert shape_of(plan, res, max_timeout_min=240).timeout_min == 240
     cpu = shape_of(fake_plan("100k", gpus=1, n=100_000, compute=1e12), res, gpus_per_node=0)
-    assert cpu.gpus_per_node == 0 and cpu.tasks_per_node == 1 and cpu.nodes == 1
-    assert cpu.timeout_min == cpu_minutes(fake_plan("100k", 1, compute=1e12), res) and cpu.mem_gb == 1
+    assert cpu.gpus_per_node == 0 and cpu.tasks_per_node == 1 and cpu.nodes == 1 and cpu.cpus_per_task is None
+    assert cpu.timeout_min == cpu_minutes(1e12, res) and cpu.mem_gb == 1
     assert "no GPU" in cpu.describe()
+
+
+def test_a_job_that_trains_on_the_cpu_asks_for_no_gpu_and_its_threads():
+    res = ResourcesConfig()
+    on_cpu = fake_plan("100k", gpus=0, n=100_000, compute=1e12)
+    shape = shape_of(on_cpu, res, threads=4)
+    assert (shape.gpus_per_node, shape.tasks_per_node, shape.cpus_per_task, shape.mem_gb) == (0, 1, 4, 1)
+    assert shape.timeout_min == cpu_minutes(1e12, res) and "4 CPUs" in shape.describe()
+    assert shape_of(on_cpu, res, gpus_per_node=8).gpus_per_node == 0          # never GPUs for a CPU job
+    assert shape_of(on_cpu, res, threads=4, cpus_per_task=2).cpus_per_task == 2   # the launcher's value wins
+    assert shape_of(on_cpu, res).cpus_per_task is None                     # threads=0: SLURM's default
+    assert shape_of(fake_plan("1.8b", gpus=1), res, threads=4).cpus_per_task is None   # GPU jobs: as configured
+    from dataclasses import replace
+
+    job = JobConfig()
+    job = replace(job, train=replace(job.train, threads=3))
+    assert job_shape(PlannedJob(0, (), job, on_cpu)).cpus_per_task == 3
 
 
 def test_a_sweep_mixing_sizes_becomes_one_array_per_shape():
@@ -245,6 +305,16 @@ def test_varying_overrides_and_table_totals():
     assert total[:3] == ["total", "2", "jobs"] and "5" in total   # 1 + 4 GPUs
 
 
+def test_an_app_without_a_plan_gets_the_launchers_own_resources():
+    from hydra_plugins.polar_launchers.slurm import plain_shape
+
+    assert plain_shape({}) == Shape(nodes=1, gpus_per_node=0, tasks_per_node=1, mem_gb=None, timeout_min=60)
+    assert plain_shape({"timeout_min": 120}).timeout_min == 120
+    assert plain_shape({"timeout_min": 120, "max_timeout_min": 30}).timeout_min == 30
+    given = plain_shape({"nodes": 2, "gpus_per_node": 4, "tasks_per_node": 4, "mem_gb": 64, "cpus_per_task": 8})
+    assert given == Shape(2, 4, 4, 64, 60, cpus_per_task=8)
+
+
 def test_test_only_args_ask_for_what_submitit_asks():
     from hydra_plugins.polar_launchers.slurm import test_only_args
 
@@ -254,7 +324,8 @@ def test_test_only_args_ask_for_what_submitit_asks():
             "--partition=gpu", "--account=proj", "--mail-type=END"} <= set(gpu)
     assert not any(a.startswith("--qos") for a in gpu)
     cpu = test_only_args(Shape(1, 0, 1, None, 11), {})
-    assert not any("gpu" in a or a.startswith("--mem") for a in cpu)
+    assert not any("gpu" in a or a.startswith("--mem") or a.startswith("--cpus") for a in cpu)
+    assert "--cpus-per-task=2" in test_only_args(Shape(1, 0, 1, 1, 11, cpus_per_task=2), {})
 
 
 # ------------------------------------------------------------------ local: jobs at once (pure)

@@ -1,14 +1,13 @@
 """Shared-prefix packing: layout, attention rule, and equality with the naive path."""
 
-import random
+from dataclasses import replace
 
 import pytest
 import torch
 
-from polar.config import ModelConfig, TrainConfig
+from polar.config import TrainConfig
 from polar.data import TokenTriplets, naive_batch
 from polar.loss import pretrain_loss
-from polar.model import build_model
 from polar.packing import (
     NEGATIVE,
     PAD_DOC,
@@ -21,26 +20,13 @@ from polar.packing import (
     pack_triplets,
 )
 from polar.trainer import evaluate, scores, train_step
-
-SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}
-# GQA (4 query heads on 2 KV heads), two layers: the mask and positions reach every path
-SHAPE = ModelConfig(name="t", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    intermediate_size=64, vocab_size=64)
+from tests.fixtures import DEBUG_MODEL, RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model
 
 
-def _random_triplets(n: int, seed: int = 0, longest: int = 9) -> TokenTriplets:
-    """Different lengths in one batch, empty pieces included."""
-    rng = random.Random(seed)
-
-    def piece():
-        return [rng.randrange(4, SHAPE.vocab_size) for _ in range(rng.randrange(0, longest))]
-
-    return TokenTriplets(*[[piece() for _ in range(n)] for _ in range(4)])
-
-
-def _model(seed=0, shape=SHAPE, **ids):
-    torch.manual_seed(seed)
-    return build_model(shape, **ids)
+def _model():
+    """The debug shape (GQA: 4 query heads on 2 KV heads; two layers: the mask and the
+    positions reach every path) over the random ids' vocabulary."""
+    return seeded_model(cfg=RANDOM_IDS_MODEL)
 
 
 def _rewards_loss_grads(model, batch):
@@ -83,12 +69,12 @@ def test_rows_hold_several_triplets_with_little_padding(tiny_data):
     assert wide.input_ids.shape[0] <= 64 // 3 and wide.input_ids.shape[1] <= 4 * longest
     assert wide.n_slots <= 1.03 * wide.n_tokens               # padding < 3 %
     assert wide.n_slots < 0.7 * naive_batch(batch, special)["input_ids"].numel()
-    mixed = _random_triplets(32, seed=5, longest=30)           # short triplets pair up by default
+    mixed = random_triplets(32, seed=5, longest=30)            # short triplets pair up by default
     assert pack_triplets(mixed, SPECIAL).input_ids.shape[0] < 32
 
 
 def test_mask_is_the_rule_and_isolates_candidates():
-    packed = pack_triplets(_random_triplets(6, seed=1), SPECIAL, max_len=60)
+    packed = pack_triplets(random_triplets(6, seed=1), SPECIAL, max_len=60)
     mask = dense_mask(packed)[:, 0]
     rows, width = packed.doc.shape
     grid = allowed(packed.doc, packed.part, torch.arange(rows)[:, None, None],
@@ -107,7 +93,7 @@ def test_mask_is_the_rule_and_isolates_candidates():
 
 @pytest.mark.parametrize("max_len", [None, 80])
 def test_packed_equals_naive_rewards_loss_and_gradients(max_len):
-    batch = _random_triplets(7, seed=2)
+    batch = random_triplets(7, seed=2)
     model = _model()
     naive = _rewards_loss_grads(model, naive_batch(batch, SPECIAL))
     packed_batch = pack_triplets(batch, SPECIAL, max_len=max_len)
@@ -124,13 +110,10 @@ def test_packed_equals_naive_rewards_loss_and_gradients(max_len):
 
 def test_packed_training_and_evaluation_match_naive(tiny_data):
     _, _, train, val, special = tiny_data
-    ids = dict(bos_token_id=special["bos"], pad_token_id=special["pad"], reward_token_id=special["reward"],
-               sep_token_id=special["sep"])
-    shape = ModelConfig(name="t", hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
-                        intermediate_size=64, vocab_size=512)
+    shape = replace(DEBUG_MODEL, num_layers=1, num_heads=2, num_kv_heads=2)
     runs = {}
     for packing in (False, True):
-        model = _model(shape=shape, **ids)
+        model = seeded_model(special, shape)
         cfg = TrainConfig(lr=1e-2, batch_size=16, micro_batch_size=8, packing=packing)
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)   # AdamW would magnify float noise
         losses = [train_step(model, opt, train.subset(range(s, s + 16)), special, cfg, "cpu") for s in (0, 16)]
@@ -153,7 +136,7 @@ def test_polar_sdpa_skips_the_leading_causal_block_and_gives_the_dense_masks_att
     the dense mask; grouped-query heads (4 query heads over 2 key/value heads)."""
     from polar.packing import causal_prefix, split_sdpa_attention
 
-    packed = pack_triplets(_random_triplets(9, seed=4, longest=20), SPECIAL, max_len=120)
+    packed = pack_triplets(random_triplets(9, seed=4, longest=20), SPECIAL, max_len=120)
     p = causal_prefix(packed)
     first_candidate = [(row != 0).nonzero()[0].item() for row in packed.part]
     assert p == min(first_candidate) > 0
@@ -173,7 +156,7 @@ def test_block_mask_gives_the_dense_masks_attention():
     mask, run by flex_attention's eager reference kernel on the CPU."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    packed = pack_triplets(_random_triplets(9, seed=3, longest=20), SPECIAL, max_len=150).padded_to(128, 0)
+    packed = pack_triplets(random_triplets(9, seed=3, longest=20), SPECIAL, max_len=150).padded_to(128, 0)
     assert packed.input_ids.shape[1] % 128 == 0
     rows, width = packed.input_ids.shape
     torch.manual_seed(0)
@@ -189,7 +172,7 @@ def test_block_mask_gives_the_dense_masks_attention():
 def test_flex_attention_packed_equals_naive_on_cuda():
     from polar.model import set_attention
 
-    batch = _random_triplets(7, seed=4)
+    batch = random_triplets(7, seed=4)
     model = _model().cuda()
     naive = scores(model, naive_batch(batch, SPECIAL), "cuda")
     set_attention(model, "flex_attention")

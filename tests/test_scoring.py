@@ -6,38 +6,20 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from polar.config import ModelConfig
-from polar.model import build_model
-from polar.scoring import RewardScorer, main
+from polar.score import RewardScorer, main
 from polar.template import PRETRAIN, encode
 from polar.tokenizer import special_ids
-
-TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                   intermediate_size=64, vocab_size=512)
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def save_model(model, tokenizer, path: Path) -> Path:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def new_model(tokenizer, cfg=TINY, seed=0):
-    special = special_ids(tokenizer)
-    torch.manual_seed(seed)
-    return build_model(cfg, bos_token_id=special["bos"], pad_token_id=special["pad"],
-                       reward_token_id=special["reward"], sep_token_id=special["sep"])
+from tests.fixtures import ROOT, save_model, seeded_model, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory):
-    return save_model(new_model(tokenizer), tokenizer, tmp_path_factory.mktemp("scoring") / "model")
+    return save_model(seeded_model(special_ids(tokenizer)), tokenizer, tmp_path_factory.mktemp("scoring") / "model")
 
 
 PROMPT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Sort a list."}]
@@ -79,7 +61,7 @@ def test_model_directory_errors(tmp_path, model_dir, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no POLAR model"):
         RewardScorer(tmp_path / "empty")
-    new_model(tokenizer).save_pretrained(tmp_path / "no-tokenizer")
+    seeded_model(special_ids(tokenizer)).save_pretrained(tmp_path / "no-tokenizer")
     with pytest.raises(ValueError, match="no tokenizer"):
         RewardScorer(tmp_path / "no-tokenizer")
     with pytest.raises(TypeError, match="list of candidates"):
@@ -87,11 +69,6 @@ def test_model_directory_errors(tmp_path, model_dir, tokenizer):
 
 
 # ---------------------------------------------------------------- CLI
-
-def write_jsonl(path: Path, lines) -> Path:
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
 
 GOOD = [{"prompt": PROMPT, "reference": [{"role": "assistant", "content": "sorted(xs)"}],
          "output": [{"role": "assistant", "content": o}], "id": i} for i, o in enumerate(OUTPUTS)]
@@ -153,22 +130,18 @@ def test_cli_names_a_missing_model_or_input(tmp_path, model_dir, capsys):
 def trained_dir(tokenizer, cache_dir, tmp_path_factory):
     """A tiny model pre-trained on an easy pool: two unigram policies on different sources."""
     from polar.config import PolicySpec, TrainConfig
-    from polar.data import tokenize_triplets
-    from polar.synthesis import read_split, synthesize
-    from polar.tracking import NullSink
+    from polar.sinks import NullSink
+    from polar.synthesis import read_split
     from polar.trainer import fit
-    from tests.conftest import tiny_data_config
+    from tests.fixtures import synthesized_triplets, tiny_data_config
 
     policies = [PolicySpec(order=1, source=s, temperature=1.0) for s in ("pydoc", "stdlib")]
     cfg = tiny_data_config(policies=policies, n_train=2048, response_len=24)
-    data = cache_dir / "easy-data"
-    synthesize(cfg, tokenizer, data, progress=False)
-    special = special_ids(tokenizer)
-    train = tokenize_triplets(read_split(data, "train"), tokenizer)
-    val = tokenize_triplets(read_split(data, "val"), tokenizer)
+    data = cache_dir / "scoring-data"
+    train, val, special = synthesized_triplets(cfg, tokenizer, data)
     shape = ModelConfig(name="tiny64", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                         intermediate_size=128, vocab_size=512)
-    model = new_model(tokenizer, shape)
+    model = seeded_model(special, shape)
     run = tmp_path_factory.mktemp("trained")
     fit(model, train, val, special, TrainConfig(lr=3e-3, batch_size=16, n_evals=1), 300, 1.0, run / "run",
         NullSink(), progress=False)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import ROOT, TINY_SWEEP
+
 try:
     from tests.slurm_util import sacct_runs, slurm_cluster, wait_until  # noqa: F401 (fixture)
 except ImportError:  # tests/ without __init__.py
@@ -25,11 +27,6 @@ except ImportError:  # tests/ without __init__.py
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
-        "data.prefix_min=4", "data.prefix_max=8", "data.response_len=8",
-        "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
-        "train.batch_size=8", "train.threads=1"]
 CPU_CLUSTER = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
                "hydra.launcher.poll_s=1"]
 # the time-limit job must outlast its 1-minute limit however fast the machine: ~100 s of
@@ -42,7 +39,7 @@ TIME_LIMITED = ["model=100k", "budget.tokens=3e6", "train.n_evals=20", "train.ev
 def start_sweep(tmp: Path, experiment: str, *args: str, cache: str = "cache") -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     log = open(tmp / f"{experiment}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "sweeps.run", "-m", *args, *TINY, *CPU_CLUSTER,
+    return subprocess.Popen([sys.executable, "-m", "sweeps.run", "-m", *args, *TINY_SWEEP, *CPU_CLUSTER,
                              f"experiment_name={experiment}", f"paths.cache_dir={tmp}/{cache}",
                              f"paths.runs_dir={tmp}/runs", f"hydra.sweep.dir={tmp}/multirun-{experiment}"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -81,7 +78,7 @@ def cluster_tmp(tmp_path_factory, slurm_cluster):
     must not synthesize the same data into the same cache folder at once)."""
     from hydra import compose, initialize_config_dir
 
-    from sweeps.jobs import prepare_data
+    from sweeps.jobs import prepare_shared_data
     from sweeps.schema import register, to_job_config
 
     tmp = tmp_path_factory.mktemp("slurm-sweep")
@@ -89,8 +86,8 @@ def cluster_tmp(tmp_path_factory, slurm_cluster):
     proc = start_sweep(tmp, experiment, *TIME_LIMITED, cache="cache-timeout")
     register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", [*TINY, "budget.tokens=1e5", f"paths.cache_dir={tmp}/cache"])
-    prepare_data(to_job_config(cfg))
+        cfg = compose("config", [*TINY_SWEEP, "budget.tokens=1e5", f"paths.cache_dir={tmp}/cache"])
+    prepare_shared_data([to_job_config(cfg)])
     wait_until(lambda: job_ids(f"polar-{experiment}") or proc.poll() is not None, timeout=120,
                what="the time-limited job to run")
     yield tmp, proc, experiment
@@ -173,7 +170,7 @@ def test_a_two_task_job_trains_one_model_on_two_ranks(tmp):
     """Two tasks of one SLURM job (as one task per GPU on a GPU cluster; gloo on these CPUs)
     read their ranks from SLURM's environment and make one run together."""
     experiment = f"slurm-ranks-{os.getpid()}"
-    log = finish(start_sweep(tmp, experiment, "model=100k", "budget.tokens=1e4", "train.lr=1e-3",
+    log = finish(start_sweep(tmp, experiment, "model=100k", "budget.tokens=1e4", "recipe.lr=1e-3",
                              "train.n_evals=2", "hydra.launcher.tasks_per_node=2"), tmp, experiment, timeout=220)
     assert "2 tasks/node" in log and re.search(r"#0 \(\S+\) finished", log), log[-3000:]
     job_log = Path(re.search(r"#0 \S+ -> \S+\s+log (\S+)", log).group(1))

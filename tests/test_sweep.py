@@ -8,11 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
-        "data.prefix_min=4", "data.prefix_max=8", "data.response_len=8",
-        "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
-        "train.batch_size=8", "train.n_evals=2", "train.threads=1", "budget.tokens=2e4"]
+from tests.fixtures import ROOT, TINY_SWEEP
+
+TINY = [*TINY_SWEEP, "train.n_evals=2", "budget.tokens=2e4"]
 
 
 def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -126,7 +124,7 @@ def test_finetune_is_a_stage_of_the_same_entry_point(finished_sweep):
                                            "tags.`polar.kind` = 'job'") if r.data.params["model"] == "100k"]
     init = Path(pre.data.tags["checkpoint_dir"]) / "model"
     base = ["stage=finetune", "model=100k", f"finetune.init_from={init}", f"finetune.train_path={prefs}",
-            "train.batch_size=4", "train.n_evals=2", "train.threads=1", "experiment_name=e2e-ft",
+            "recipe.batch_size=4", "train.n_evals=2", "train.threads=1", "experiment_name=e2e-ft",
             f"paths.cache_dir={tmp}/cache", f"paths.runs_dir={tmp}/runs", f"hydra.sweep.dir={tmp}/multirun-ft"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
     run = subprocess.run([sys.executable, "-m", "sweeps.run", "-m", *base], cwd=ROOT, env=env,

@@ -6,7 +6,7 @@ import pytest
 
 from polar.policies import NGramPolicy, _ngram_tables, build_pool, sampling_distribution
 from polar.synthesis import FIELDS, read_manifest, read_split, synthesize
-from tests.conftest import tiny_data_config
+from tests.fixtures import tiny_data_config
 
 
 def test_sampling_distribution_applies_top_k_and_top_p():

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures import ROOT, TINY_SWEEP
 from tests.mlflow_server import free_port
-from tests.test_sweep import ROOT, TINY
 
-STABLE = ["model=100k", "train.lr=1e-3", "budget.tokens=1e4"]   # 20 steps, far from chaotic
+STABLE = ["model=100k", "recipe.lr=1e-3", "budget.tokens=1e4", "train.n_evals=2"]   # 20 steps, far from chaotic
 
 
 def _run(tmp: Path, runs: str, *args: str, ranks: int | None = None) -> subprocess.CompletedProcess:
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(free_port())]
     launcher = launcher if ranks else []
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/{runs}.db", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *launcher, "-m", "sweeps.run", *TINY, *STABLE, *args,
+    return subprocess.run([sys.executable, *launcher, "-m", "sweeps.run", *TINY_SWEEP, *STABLE, *args,
                            "experiment_name=ranks", f"paths.cache_dir={tmp}/cache", f"paths.runs_dir={tmp}/{runs}",
                            f"hydra.run.dir={tmp}/hydra-{runs}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -13,20 +13,7 @@ import pytest
 from analysis.records import jsonl_record
 from polar.sinks import PERMANENT_ERRORS, JsonlSink, MLflowSink, SkipLogged, TeeSink, read_jsonl
 from sweeps.runs import process_alive, process_tags
-
-
-class ListSink:
-    def __init__(self):
-        self.points, self.status = [], None
-
-    def log_params(self, params): pass
-    def set_tags(self, tags): pass
-
-    def log_many(self, points):
-        self.points.extend(points)
-
-    def finish(self, status="FINISHED"):
-        self.status = status
+from tests.fixtures import ListSink
 
 
 def test_jsonl_round_trip_into_the_analysis_shapes(tmp_path):

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.fixtures import TINY_SWEEP
 from tests.mlflow_server import MlflowServer, log_points_worker
 
 pytestmark = pytest.mark.slow
@@ -84,10 +85,7 @@ def test_sixteen_processes_logging_at_once_lose_no_point(store, monkeypatch):
 
 # ------------------------------------------------------------------ SIGKILL + resume
 
-TINY = ["model=100k", "data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
-        "data.prefix_min=4", "data.prefix_max=8", "data.response_len=8",
-        "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
-        "train.batch_size=8", "train.n_evals=6", "train.eval_spacing=linear", "train.threads=1",
+TINY = ["model=100k", *TINY_SWEEP, "train.n_evals=6", "train.eval_spacing=linear",
         "budget.tokens=2e5"]   # 403 steps, about 10 s of training here
 
 

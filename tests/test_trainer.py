@@ -7,25 +7,9 @@ import torch
 
 from polar.config import ModelConfig, TrainConfig
 from polar.model import build_model, flops_per_token
-from polar.tracking import NullSink
+from polar.sinks import NullSink
 from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at, throughput
-
-TINY = ModelConfig(name="tiny", hidden_size=32, num_layers=2, num_heads=1, num_kv_heads=1,
-                   intermediate_size=64, vocab_size=512)
-
-
-class ListSink(NullSink):
-    def __init__(self):
-        self.points = []
-
-    def log_many(self, points):
-        self.points.extend(points)
-
-
-def _model(special, seed=0):
-    torch.manual_seed(seed)
-    return build_model(TINY, bos_token_id=special["bos"], pad_token_id=special["pad"],
-                       reward_token_id=special["reward"], sep_token_id=special["sep"])
+from tests.fixtures import DEBUG_MODEL, ListSink, seeded_model
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -36,35 +20,17 @@ def test_lr_schedule_warms_up_then_decays():
     assert eval_steps(1000, 5, "log")[0] == 20 and eval_steps(1000, 5, "log")[-1] == 1000
 
 
-@pytest.fixture(scope="module")
-def easy_data(tokenizer, cache_dir):
-    """Two unigram policies on different sources: learnable in a few dozen steps."""
-    from polar.config import PolicySpec
-    from polar.data import tokenize_triplets
-    from polar.synthesis import read_split, synthesize
-    from polar.tokenizer import special_ids
-    from tests.conftest import tiny_data_config
-
-    cfg = tiny_data_config(policies=[PolicySpec(order=1, source="pydoc", temperature=0.3),
-                                     PolicySpec(order=1, source="stdlib", temperature=2.0)],
-                           n_train=512, response_len=16)
-    out = cache_dir / "easy-trainer-v2"
-    synthesize(cfg, tokenizer, out, progress=False)
-    return (tokenize_triplets(read_split(out, "train"), tokenizer),
-            tokenize_triplets(read_split(out, "val"), tokenizer), special_ids(tokenizer))
-
-
 def test_training_lowers_validation_loss(easy_data, tmp_path):
     train, val, special = easy_data
-    model = _model(special)
+    model = seeded_model(special)
     before, _ = evaluate(model, val, special)
     sink = ListSink()
     cfg = TrainConfig(lr=3e-3, batch_size=16, n_evals=3, warmup_fraction=0.0)
-    result = fit(model, train, val, special, cfg, 64, flops_per_token(TINY, 40), tmp_path, sink, progress=False)
+    result = fit(model, train, val, special, cfg, 64, flops_per_token(DEBUG_MODEL, 40), tmp_path, sink, progress=False)
     assert result.val_loss < before - 0.1
     vals = [(m, s) for m, s in sink.points if "val/loss" in m]
     assert [s for _, s in vals] == eval_steps(64, 3, "log")
-    assert all(m["flops_seen"] == pytest.approx(m["tokens_seen"] * flops_per_token(TINY, 40)) for m, _ in vals)
+    assert all(m["flops_seen"] == pytest.approx(m["tokens_seen"] * flops_per_token(DEBUG_MODEL, 40)) for m, _ in vals)
     # every evaluation logs the training speed since the previous one; no MFU without a peak
     assert all(m["throughput/tokens_per_s"] > 0 and "mfu" not in m for m, _ in vals)
 
@@ -98,15 +64,15 @@ def _die_in_save_checkpoint(monkeypatch, after_saving: bool):
 def test_resume_matches_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
     _, _, train, val, special = tiny_data
     cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
-    fpt = flops_per_token(TINY, 40)
-    full = fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "full", NullSink(), progress=False)
+    fpt = flops_per_token(DEBUG_MODEL, 40)
+    full = fit(seeded_model(special), train, val, special, cfg, 16, fpt, tmp_path / "full", NullSink(), progress=False)
 
     revive = _die_in_save_checkpoint(monkeypatch, after_saving=True)   # dies after the step-4 checkpoint
     with pytest.raises(Stop):
-        fit(_model(special), train, val, special, cfg, 16, fpt, tmp_path / "cut", ListSink(), progress=False)
+        fit(seeded_model(special), train, val, special, cfg, 16, fpt, tmp_path / "cut", ListSink(), progress=False)
     revive()
     sink = ListSink()
-    resumed = fit(_model(special, seed=123), train, val, special, cfg, 16, fpt, tmp_path / "cut", sink,
+    resumed = fit(seeded_model(special, seed=123), train, val, special, cfg, 16, fpt, tmp_path / "cut", sink,
                   progress=False)
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
     assert resumed.tokens_seen == full.tokens_seen
@@ -120,14 +86,14 @@ def test_stop_checkpoints_the_step_it_was_asked_at_and_resumes_from_there(tiny_d
 
     _, _, train, val, special = tiny_data
     cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
-    full = fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", NullSink(), progress=False)
+    full = fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", NullSink(), progress=False)
     first, steps_done = ListSink(), []
     with pytest.raises(Preempted, match="stopped at step 6 of 16"):
-        fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "cut", first, progress=False,
+        fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "cut", first, progress=False,
             stop=lambda: steps_done.append(1) or len(steps_done) >= 6)
     assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == 6   # evaluations: 4, 8, ...
     second = ListSink()
-    resumed = fit(_model(special, seed=1), train, val, special, cfg, 16, 1.0, tmp_path / "cut", second,
+    resumed = fit(seeded_model(special, seed=1), train, val, special, cfg, 16, 1.0, tmp_path / "cut", second,
                   progress=False)
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
     train_steps = [s for m, s in first.points + second.points if "train/loss" in m]
@@ -140,10 +106,10 @@ def test_a_checkpoint_of_the_older_format_still_resumes(tiny_data, tmp_path):
 
     _, _, train, val, special = tiny_data
     cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
-    full = fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", NullSink(), progress=False)
+    full = fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", NullSink(), progress=False)
     from polar.trainer import Preempted
 
-    half = _model(special)
+    half = seeded_model(special)
     with pytest.raises(Preempted):                             # a checkpoint at step 1 ...
         fit(half, train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(), progress=False,
             stop=lambda: True)
@@ -152,7 +118,7 @@ def test_a_checkpoint_of_the_older_format_still_resumes(tiny_data, tmp_path):
     optimizer.load_state_dict(_index_keyed(new["optimizer"], half))
     torch.save({**new, "model": half.state_dict(), "optimizer": optimizer.state_dict(), "shape": _shape(half)},
                tmp_path / "cut" / CHECKPOINT)                   # ... rewritten as the old format did
-    resumed = fit(_model(special, seed=5), train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(),
+    resumed = fit(seeded_model(special, seed=5), train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(),
                   progress=False)
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
 
@@ -166,19 +132,19 @@ def _index_keyed(optim_state: dict, model) -> dict:
 def test_a_kill_before_the_checkpoint_loses_no_metric_point(tiny_data, tmp_path, monkeypatch):
     """Metrics are flushed before the checkpoint is written: a kill between the two re-runs
     the steps, and SkipLogged keeps the history free of repeats and gaps."""
-    from polar.tracking import SkipLogged
+    from polar.sinks import SkipLogged
 
     _, _, train, val, special = tiny_data
     cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear")
     first = ListSink()
     revive = _die_in_save_checkpoint(monkeypatch, after_saving=False)
     with pytest.raises(Stop):
-        fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path, first, progress=False)
+        fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path, first, progress=False)
     revive()
     assert not (tmp_path / CHECKPOINT).exists()
     assert ({"val/loss"} <= set(first.points[-1][0])) and first.points[-1][1] == 4   # delivered before dying
     second = ListSink()
-    fit(_model(special), train, val, special, cfg, 16, 1.0, tmp_path, SkipLogged(second, {"train/loss": 4, "lr": 4,
+    fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path, SkipLogged(second, {"train/loss": 4, "lr": 4,
         "val/loss": 4, "val/acc": 4, "tokens_seen": 4, "flops_seen": 4}), progress=False)
     train_steps = [s for m, s in first.points + second.points if "train/loss" in m]
     assert train_steps == list(range(1, 17))
@@ -197,7 +163,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeyp
 
     monkeypatch.setattr(polar.trainer, "train_step", step_that_diverges)
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at step 3"):
-        fit(_model(special), train, val, special, cfg, 4, 1.0, tmp_path, NullSink(), progress=False)
+        fit(seeded_model(special), train, val, special, cfg, 4, 1.0, tmp_path, NullSink(), progress=False)
     saved = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
@@ -205,7 +171,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_data, tmp_path, monkeyp
 def test_checkpoint_from_another_shape_is_refused(tiny_data, tmp_path):
     _, _, train, val, special = tiny_data
     cfg = TrainConfig(lr=1e-3, batch_size=8, n_evals=1)
-    fit(_model(special), train, val, special, cfg, 1, 1.0, tmp_path, NullSink(), progress=False)
+    fit(seeded_model(special), train, val, special, cfg, 1, 1.0, tmp_path, NullSink(), progress=False)
     other = build_model(ModelConfig(name="o", hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
                                     intermediate_size=64, vocab_size=512))
     with pytest.raises(ValueError, match="checkpoint .* is for model shape"):

@@ -1,16 +1,18 @@
 """`hydra/launcher=local`: the jobs of a sweep run on this machine, several at once when
 the cores allow, after every job of the sweep has been composed and planned (a bad job
-at the end of a sweep fails it before the first job trains). Without a GPU, a job that
-derive.local_refusal refuses (too much memory or time for this machine) fails the whole
-sweep up front.
+at the end of a sweep fails it before the first job trains). A job that trains on this
+machine's CPU (no GPU here, or train.device=cpu) and that derive.local_refusal refuses
+(too much memory or time for this machine) fails the whole sweep up front.
 
-`n_jobs` (conf/hydra/launcher/local.yaml) says how many jobs run at once: "auto" fits
-them to the cores when every job pins `train.threads` (a sweep of 1-thread jobs on a
-2-core laptop runs 2 at a time) and to the memory (sweeps.launch.local_workers). One at
-a time is Hydra's BasicLauncher, in this process. Several at a time: the shared data are
-synthesized once here first, then each job runs in a fresh process (spawned, so no
-torch or MLflow state is shared), with its progress bar on a line of its own; the jobs
-with the most planned compute start first, so that no long job runs alone at the end.
+`n_jobs` (conf/hydra/launcher/local.yaml, schema PolarLocalConf) says how many jobs run
+at once: "auto" fits them to the cores when every job pins `train.threads` (a sweep of
+1-thread jobs on a 2-core laptop runs 2 at a time) and to the memory
+(sweeps.sweep_plan.local_workers). One at a time: in this process, as Hydra's basic
+launcher runs them. Several at a time: the shared data are synthesized once here first,
+then each job runs in a fresh process (spawned, so no torch or MLflow state is shared),
+with its progress bar on a line of its own; the jobs with the most planned compute start
+first, so that no long job runs alone at the end. An app that is not a POLAR sweep
+(base.is_polar_sweep) has no plan: its jobs are composed first, then run one at a time.
 """
 
 from __future__ import annotations
@@ -22,32 +24,49 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import cloudpickle
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import open_dict
+from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
 
-from hydra_plugins.polar_launchers.base import plan_jobs
+from hydra_plugins.polar_launchers.base import PlanningLauncher, compose_jobs, is_polar_sweep, plan_jobs, sweep_config
 
 
-class LocalLauncher(BasicLauncher):
+class LocalLauncher(PlanningLauncher):
     def __init__(self, n_jobs: Union[int, str] = "auto") -> None:
         super().__init__()
         self.n_jobs = n_jobs
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sweeps.launch import local_workers, machine, no_gpu_here
+        from sweeps.sweep_plan import check_n_jobs, local_workers, machine, no_gpu_here
 
         assert self.config is not None and self.hydra_context is not None
-        no_gpu = no_gpu_here()
-        planned = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, refuse_local=no_gpu)
-        workers = local_workers(self.n_jobs, planned, *machine(), gpu=not no_gpu)
+        check_n_jobs(self.n_jobs)
+        if not is_polar_sweep(self.config):
+            jobs = compose_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
+            return self.run_here([job.config for job in jobs])
+        gpu_here = not no_gpu_here()
+        planned = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, refuse_local=True,
+                            gpu_here=gpu_here)
+        on_gpu = gpu_here and any(not p.plan.on_cpu for p in planned)
+        workers = local_workers(self.n_jobs, planned, *machine(), gpu=on_gpu)
         if workers == 1:
-            return super().launch(job_overrides, initial_job_idx)
+            return self.run_here([self._sweep_config(p.overrides, p.idx) for p in planned])
         return self._launch_parallel(job_overrides, initial_job_idx, planned, workers)
+
+    def run_here(self, configs: list) -> list[JobReturn]:
+        """Each job's composed config run in this process, one after the other (a failed
+        job's JobReturn says so; the sweeper raises its error once all have run)."""
+        setup_globals()
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        returns = []
+        for cfg in configs:
+            returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
+                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return returns
 
     def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
         from sweeps.jobs import finished_locally, prepare_shared_data
-        from sweeps.launch import largest_first
+        from sweeps.sweep_plan import largest_first
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -82,9 +101,9 @@ class LocalLauncher(BasicLauncher):
                 while queue and free_lines:
                     i, overrides = queue.pop(0)
                     line = free_lines.pop(0)
-                    sweep_config = self._sweep_config(overrides, initial_job_idx + i)
+                    job_config = self._sweep_config(overrides, initial_job_idx + i)
                     # cloudpickle: Hydra's state holds classes and lambdas that plain pickle refuses
-                    payload = cloudpickle.dumps((state, self.hydra_context, self.task_function, sweep_config))
+                    payload = cloudpickle.dumps((state, self.hydra_context, self.task_function, job_config))
                     running[pool.submit(_run_in_child, payload, line)] = (i, line)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -94,15 +113,7 @@ class LocalLauncher(BasicLauncher):
         return results
 
     def _sweep_config(self, overrides, idx: int):
-        import logging
-
-        logging.getLogger(__name__).info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-            sweep_config.hydra.sweep.dir = str(self.config.hydra.sweep.dir)   # ${now:...} resolved here, once
-        return sweep_config
+        return sweep_config(self.hydra_context, self.config, overrides, idx)
 
 
 def _run_in_child(payload: bytes, line: int) -> bytes:
@@ -112,10 +123,10 @@ def _run_in_child(payload: bytes, line: int) -> bytes:
 
     from sweeps.jobs import PROGRESS_LINE_ENV
 
-    state, hydra_context, task_function, sweep_config = cloudpickle.loads(payload)
+    state, hydra_context, task_function, job_config = cloudpickle.loads(payload)
     Singleton.set_state(state)
     setup_globals()
     os.environ[PROGRESS_LINE_ENV] = str(line)
-    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
+    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=job_config,
                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
     return cloudpickle.dumps(ret)

@@ -1,11 +1,15 @@
 """`hydra/launcher=slurm`: hydra-submitit-launcher's submitit_slurm, one job array per shape.
 
-Before anything is submitted: every job is composed and planned (sweeps.launch), SLURM
+Before anything is submitted: every job is composed and planned (sweeps.sweep_plan), SLURM
 must answer (client commands, slurmctld's port, sinfo and sacct, each with a timeout),
 and `sbatch --test-only` must accept every resource shape. Jobs are then grouped by the
-resources their plans need (nodes, GPUs per node, one task per GPU, memory, time limit)
-and each group is submitted as one submitit job array. The sweep waits for all jobs and
-fails naming every failed or cancelled job with its log files.
+resources their plans need (nodes, GPUs per node, one task per GPU, memory, time limit;
+a job that trains on the CPU: no GPU, train.threads CPUs) and each group is submitted as
+one submitit job array. The sweep waits for all jobs and fails naming every failed or
+cancelled job with its log files. An app that is not a POLAR sweep (base.is_polar_sweep)
+has no plan: its jobs are composed first, then submitted as one array with the
+launcher's own resources (as submitit_slurm would; null: one node, one task, no GPU,
+submitit's 60 minutes). Schema: config.py PolarSlurmConf.
 
 In the job, each task runs Hydra's job (BaseSubmititLauncher.__call__, hence
 sweeps.run's task function and sweeps.jobs.run_job). A multi-task job first exports
@@ -30,9 +34,11 @@ from typing import Any, Optional, Sequence
 from hydra.core.utils import JobReturn, JobStatus
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 
-from hydra_plugins.polar_launchers.base import plan_jobs, tracking_uri
+from hydra_plugins.polar_launchers.base import compose_jobs, is_polar_sweep, plan_jobs, tracking_uri
 
-RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "mem_gb", "timeout_min", "max_timeout_min")
+RESOURCE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "mem_gb", "timeout_min", "max_timeout_min",
+                 "cpus_per_task")
+PLAIN_TIMEOUT_MIN = 60   # submitit_slurm's default time limit, for apps without a plan
 OWN_KEYS = ("check_timeout_s", "test_only", "poll_s", "state_poll_s", "result_grace_s", "wait")
 INIT_KEYS = ("submitit_folder", "max_num_timeout")
 BASE_KEYS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
@@ -90,12 +96,25 @@ def test_only_args(shape, params: dict) -> list[str]:
         args.append(f"--mem={shape.mem_gb}G")
     if shape.gpus_per_node > 0:
         args.append(f"--gpus-per-node={shape.gpus_per_node}")
-    flags = {"cpus_per_task": "cpus-per-task", "partition": "partition", "account": "account", "qos": "qos",
+    if shape.cpus_per_task:
+        args.append(f"--cpus-per-task={shape.cpus_per_task}")
+    flags = {"partition": "partition", "account": "account", "qos": "qos",
              "constraint": "constraint", "exclude": "exclude", "gres": "gres", "cpus_per_gpu": "cpus-per-gpu",
              "gpus_per_task": "gpus-per-task", "mem_per_gpu": "mem-per-gpu", "mem_per_cpu": "mem-per-cpu"}
     args += [f"--{flag}={params[key]}" for key, flag in flags.items() if params.get(key) is not None]
     args += [f"--{k.replace('_', '-')}={v}" for k, v in (params.get("additional_parameters") or {}).items()]
     return [*args, "--wrap=true"]
+
+
+def plain_shape(params: dict):
+    """The one shape of an app without a plan: the launcher's resources as submitit_slurm
+    takes them (null: one node, one task, no GPU, SLURM's memory and CPUs, 60 minutes)."""
+    from sweeps.sweep_plan import Shape
+
+    p = {k: params.get(k) for k in RESOURCE_KEYS}
+    minutes = min(p["timeout_min"] or PLAIN_TIMEOUT_MIN, p["max_timeout_min"] or float("inf"))
+    return Shape(p["nodes"] or 1, p["gpus_per_node"] or 0, p["tasks_per_node"] or 1, p["mem_gb"], int(minutes),
+                 p["cpus_per_task"])
 
 
 # ------------------------------------------------------------------ the launcher
@@ -120,15 +139,12 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
     # requeued job re-runs run_job, which resumes from its checkpoint.
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sweeps.launch import SweepError, group_by_shape, job_table, print_flush
         from sweeps.runs import terminate_parent_run
+        from sweeps.sweep_plan import SweepError, print_flush
 
         assert self.config is not None and self.hydra_context is not None
-        start = time.monotonic()
-        jobs = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
-        print_flush(job_table(jobs) + f"\n(planned in {time.monotonic() - start:.2f} s)\n")
+        groups = self.jobs_by_shape(job_overrides, initial_job_idx)
         try:
-            groups = group_by_shape(jobs, self.shape)
             checked = time.monotonic()
             self.preflight(groups)
         except SweepError as err:
@@ -143,15 +159,22 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
                     for j, job in submitted]
         return self.collect(submitted)
 
-    def shape(self, planned):
-        from sweeps.launch import shape_of
+    def jobs_by_shape(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> dict:
+        """A POLAR sweep's jobs planned (the job table printed) and grouped by their shapes;
+        another app's jobs composed, in one group of the launcher's own resources."""
+        from sweeps.sweep_plan import group_by_shape, job_shape, job_table, print_flush
 
-        return shape_of(planned.plan, planned.job.resources,
-                        **{k: self.params.get(k) for k in RESOURCE_KEYS})
+        if not is_polar_sweep(self.config):
+            jobs = compose_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
+            return {plain_shape(self.params): jobs}
+        start = time.monotonic()
+        jobs = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
+        print_flush(job_table(jobs) + f"\n(planned in {time.monotonic() - start:.2f} s)\n")
+        return group_by_shape(jobs, lambda j: job_shape(j, **{k: self.params.get(k) for k in RESOURCE_KEYS}))
 
     def preflight(self, groups: dict) -> None:
         """SLURM answers and accepts every shape, or a SweepError before any submission."""
-        from sweeps.launch import SweepError
+        from sweeps.sweep_plan import SweepError
 
         problem = slurm_problem(float(self.params.get("check_timeout_s", 15.0)))
         if problem:
@@ -189,7 +212,7 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         """One job array per shape; on a failed submission, cancel what was submitted and raise."""
         from hydra.core.singleton import Singleton
 
-        from sweeps.launch import SweepError, print_flush, varying_overrides
+        from sweeps.sweep_plan import SweepError, print_flush, varying_overrides
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +228,8 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
                 resources["mem_gb"] = shape.mem_gb
             if shape.gpus_per_node > 0:
                 resources["gpus_per_node"] = shape.gpus_per_node
+            if shape.cpus_per_task:
+                resources["cpus_per_task"] = shape.cpus_per_task
             ex.update_parameters(**resources)
             state = Singleton.get_state()
             try:
@@ -219,7 +244,7 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
             array_id = jobs[0].job_id.split("_")[0]
             print_flush(f"  job array {array_id}: {shape.describe()}")
             for j, job in zip(group, jobs):
-                print_flush(f"    #{j.idx} {j.plan.model} -> {job.job_id}  {coords[j.idx]}  log {job.paths.stdout}")
+                print_flush(f"    #{j.idx} {j.name} -> {job.job_id}  {coords[j.idx]}  log {job.paths.stdout}")
                 submitted.append((j, job))
         return sorted(submitted, key=lambda pair: pair[0].idx)   # results in the sweep's job order
 
@@ -227,8 +252,8 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
 
     def collect(self, submitted: list) -> list[JobReturn]:
         """Wait for every job; return their JobReturns, or raise SweepFailed naming each failure."""
-        from sweeps.launch import SweepFailed, print_flush, varying_overrides
         from sweeps.runs import terminate_parent_run
+        from sweeps.sweep_plan import SweepFailed, print_flush, varying_overrides
 
         ids = " ".join(job.job_id for _, job in submitted)
         print_flush(f"Waiting for {len(submitted)} jobs ({ids}); Ctrl-C stops waiting, the jobs keep running.")
@@ -242,11 +267,11 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         for (planned, job), (ret, failure), where in zip(submitted, outcomes, coords):
             returns.append(ret)
             if failure:
-                failures.append(f"#{planned.idx} {planned.plan.model}{f' ({where})' if where else ''}: SLURM job "
+                failures.append(f"#{planned.idx} {planned.name}{f' ({where})' if where else ''}: SLURM job "
                                 f"{job.job_id} {failure}\n"
                                 f"    logs: {job.paths.stdout}  {job.paths.stderr}")
             else:
-                print_flush(f"  #{planned.idx} {planned.plan.model}: job {job.job_id} done, "
+                print_flush(f"  #{planned.idx} {planned.name}: job {job.job_id} done, "
                             f"returned {ret.return_value!r}")
         if failures:
             message = (f"{len(failures)} of {len(submitted)} jobs of the sweep failed or were cancelled:\n  "

@@ -1,11 +1,13 @@
-"""What every launcher does before it starts anything: plan the whole sweep.
+"""The plan of a whole sweep: what every launcher knows before it starts anything.
 
-Owns the sweep-level checks shared by the launchers in hydra_plugins/polar_launchers:
-every job of a sweep is composed, converted to a JobConfig and planned before the first
-one is started or submitted (`plan_sweep`); the job table that the dry run prints
-(`job_table`); and the SLURM resource shape of each job and the grouping of a sweep
-into one job array per shape (`shape_of`, `group_by_shape`). Plain Python: no Hydra
-launcher, no submitit, no MLflow at import time.
+Owns what the launchers in hydra_plugins/polar_launchers share: every job of a sweep is
+composed, converted to a JobConfig and planned before the first one is started or
+submitted (`plan_sweep`, with the sweep's errors SweepError and SweepFailed); how many
+jobs the local launcher runs at once (`check_n_jobs`, `local_workers`, `largest_first`);
+the SLURM resource shape of each job and the grouping of a sweep into one job array per
+shape (`shape_of`, `group_by_shape`); and the job table that the dry run and the SLURM
+launcher print (`job_table`). Plain Python: no Hydra launcher, no submitit, no MLflow at
+import time.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from hydra.errors import CompactHydraException
 
-from sweeps.derive import Plan, ResourcesConfig, cpu_memory_gb, local_refusal
-from sweeps.schema import JobConfig
+from sweeps.schema import JobConfig, ResourcesConfig
+
+if TYPE_CHECKING:   # sweeps.derive imports torch (polar.model): only where a plan is made or read
+    from sweeps.derive import Plan
 
 
 class SweepError(CompactHydraException, ValueError):
@@ -29,6 +33,9 @@ class SweepError(CompactHydraException, ValueError):
 
 class SweepFailed(CompactHydraException, RuntimeError):
     """A sweep whose jobs ran and at least one of them failed or was cancelled."""
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,42 +51,74 @@ class PlannedJob:
     def label(self) -> str:
         return f"#{self.idx} ({' '.join(self.overrides) or 'no overrides'})"
 
+    @property
+    def name(self) -> str:
+        return self.plan.model
+
+
+@dataclass(frozen=True)
+class PlainJob:
+    """One job of a Hydra app that is not a POLAR sweep (no JobConfig, so no plan; Hydra's
+    launcher test suite runs such apps): its index, overrides and composed config."""
+
+    idx: int
+    overrides: tuple[str, ...]
+    config: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.config.hydra.job.name)
+
 
 # ------------------------------------------------------------------ validation
 
-def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], JobConfig],
-               initial_idx: int = 0, refuse_local: bool = False) -> list[PlannedJob]:
-    """Compose and plan every job; raise one SweepError that lists every bad job.
-
-    compose(overrides) -> JobConfig (the launcher's Hydra composition plus
-    sweeps.schema.to_job_config). refuse_local: also apply derive.local_refusal, as the
-    local launcher does on a machine without a GPU.
-    """
+def check_every_job(job_overrides: Sequence[Sequence[str]], build: Callable[[int, tuple[str, ...]], T],
+                    initial_idx: int = 0) -> list[T]:
+    """build(index, overrides) for every job of the sweep, in order; one SweepError that
+    lists every job whose build raised, or a sweep of no jobs."""
     if not job_overrides:
         raise SweepError("the sweep expands to no jobs, so nothing was started: check the sweep's values "
                          "(an empty list such as `seed=range(0)` or an empty hydra.sweeper.params entry); "
                          "a sweep needs at least one value per swept key, e.g. `-m model=1m,3m`")
-    planned, errors = [], []
+    built, errors = [], []
     for i, overrides in enumerate(job_overrides):
         idx, ovs = initial_idx + i, tuple(str(o) for o in overrides)
         try:
-            job = compose(list(ovs))
-            plan = _plan(job)
-            if refuse_local and (reason := local_refusal(plan, job.resources)):
-                raise SweepError(reason)
-            planned.append(PlannedJob(idx, ovs, job, plan))
+            built.append(build(idx, ovs))
         except Exception as err:   # collect every bad job, then report them together
             errors.append(f"#{idx} ({' '.join(ovs) or 'no overrides'}): {_message(err)}")
     if errors:
         raise SweepError(f"{len(errors)} of {len(job_overrides)} jobs of the sweep are invalid; nothing was "
                          "started:\n  " + "\n  ".join(errors))
-    return planned
+    return built
+
+
+def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], JobConfig],
+               initial_idx: int = 0, refuse_local: bool = False, gpu_here: bool = False) -> list[PlannedJob]:
+    """Compose and plan every job; raise one SweepError that lists every bad job.
+
+    compose(overrides) -> JobConfig (the launcher's Hydra composition plus
+    sweeps.schema.to_job_config). refuse_local: the jobs run on this machine (the local
+    launcher), so derive.local_refusal applies to each job that trains on its CPU: every
+    job without a GPU here (gpu_here=False), else those with train.device=cpu.
+    """
+    from sweeps.derive import local_refusal
+
+    def build(idx: int, overrides: tuple[str, ...]) -> PlannedJob:
+        job = compose(list(overrides))
+        plan = _plan(job)
+        on_cpu = plan.on_cpu or not gpu_here
+        if refuse_local and on_cpu and (reason := local_refusal(plan, job.resources)):
+            raise SweepError(reason)
+        return PlannedJob(idx, overrides, job, plan)
+
+    return check_every_job(job_overrides, build, initial_idx)
 
 
 def _plan(job: JobConfig) -> Plan:
-    from sweeps.jobs import plan_of
+    from sweeps.jobs import plan_job
 
-    return plan_of(job)
+    return plan_job(job)
 
 
 def _message(err: BaseException) -> str:
@@ -106,6 +145,13 @@ def compose_with_hydra(hydra_context, config) -> Callable[[list[str]], JobConfig
     return compose
 
 
+def check_n_jobs(n_jobs: int | str) -> None:
+    """hydra.launcher.n_jobs is a positive int or "auto" (the schema types it Union[int, str])."""
+    if isinstance(n_jobs, bool) or not (n_jobs == "auto" or (isinstance(n_jobs, int) and n_jobs >= 1)):
+        raise SweepError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid: give a positive integer "
+                         "(jobs run at once) or 'auto' (as many as the cores and memory allow)")
+
+
 def local_workers(n_jobs: int | str, planned: Sequence[PlannedJob], cpus: int, memory_gb: float,
                   gpu: bool = False) -> int:
     """How many jobs of a sweep the local launcher runs at once.
@@ -113,11 +159,12 @@ def local_workers(n_jobs: int | str, planned: Sequence[PlannedJob], cpus: int, m
     n_jobs: a positive int (at most that many, never more than there are jobs), or
     "auto": as many as fit the machine's cores when every job pins train.threads
     (cpus // threads), and the memory (80% of memory_gb over the largest job's
-    derive.cpu_memory_gb); one when a job uses all cores (threads=0) or on a GPU.
+    derive.cpu_memory_gb); one when a job uses all cores (threads=0), or when jobs
+    train on this machine's GPU (gpu).
     """
-    if isinstance(n_jobs, bool) or not (n_jobs == "auto" or (isinstance(n_jobs, int) and n_jobs >= 1)):
-        raise SweepError(f"hydra.launcher.n_jobs={n_jobs!r} is not valid: give a positive integer "
-                         "(jobs run at once) or 'auto' (as many as the cores and memory allow)")
+    from sweeps.derive import cpu_memory_gb
+
+    check_n_jobs(n_jobs)
     if not planned:
         return 1
     if n_jobs != "auto":
@@ -152,42 +199,45 @@ def no_gpu_here() -> bool:
 
 # ------------------------------------------------------------------ SLURM shapes
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Shape:
     """What one SLURM job of a sweep asks for. gpus_per_node=0: no GPU request at all
-    (a CPU cluster without GRES); tasks_per_node = GPUs per node (one task per GPU)."""
+    (a CPU job, or a CPU cluster without GRES); tasks_per_node = GPUs per node (one task
+    per GPU). cpus_per_task None: SLURM's default."""
 
     nodes: int
     gpus_per_node: int
     tasks_per_node: int
     mem_gb: Optional[int]     # per node; None: the partition's default; 0: all of the node
     timeout_min: int
+    cpus_per_task: Optional[int] = None
 
     def describe(self) -> str:
         gpus = f"{self.gpus_per_node} GPU/node" if self.gpus_per_node else "no GPU"
+        cpus = f" x {self.cpus_per_task} CPU{'s' * (self.cpus_per_task > 1)}" if self.cpus_per_task else ""
         mem = "default mem" if self.mem_gb is None else ("all mem" if self.mem_gb == 0 else f"{self.mem_gb} GB/node")
         return (f"{self.nodes} node{'s' * (self.nodes > 1)} x {gpus}, {self.tasks_per_node} task"
-                f"{'s' * (self.tasks_per_node > 1)}/node, {mem}, {fmt_minutes(self.timeout_min)}")
-
-
-def cpu_minutes(plan: Plan, res: ResourcesConfig) -> int:
-    """Time limit of a CPU-only run, with derive's margin (x time_margin + 10 min)."""
-    return int(math.ceil(plan.compute / res.cpu_flops / 60 * res.time_margin)) + 10
+                f"{'s' * (self.tasks_per_node > 1)}/node{cpus}, {mem}, {fmt_minutes(self.timeout_min)}")
 
 
 def shape_of(plan: Plan, res: ResourcesConfig, gpus_per_node: Optional[int] = None,
              nodes: Optional[int] = None, tasks_per_node: Optional[int] = None,
              mem_gb: Optional[int] = None, timeout_min: Optional[int] = None,
-             max_timeout_min: Optional[int] = None) -> Shape:
+             max_timeout_min: Optional[int] = None, cpus_per_task: Optional[int] = None,
+             threads: int = 0) -> Shape:
     """The SLURM request for one planned job. Each argument left None comes from the plan;
-    a value overrides it for every job. gpus_per_node=0 asks for no GPUs (CPU cluster):
-    one task, CPU memory and CPU time. max_timeout_min caps the time limit (a job that
-    reaches it is requeued and resumes, see max_num_timeout)."""
-    if gpus_per_node == 0:
-        n_nodes = nodes or 1
-        tasks = tasks_per_node or 1
+    a value overrides it for every job. A job that trains on the CPU (train.device=cpu,
+    plan.gpus=0), or any job with gpus_per_node=0 (a CPU cluster), asks for no GPU: one
+    task, CPU memory and CPU time, and `threads` (train.threads) CPUs per task when > 0.
+    max_timeout_min caps the time limit (a job that reaches it is requeued and resumes,
+    see max_num_timeout)."""
+    from sweeps.derive import cpu_memory_gb, cpu_minutes
+
+    if plan.on_cpu or gpus_per_node == 0:
+        n_nodes, gpn, tasks = nodes or 1, 0, tasks_per_node or 1
         mem = math.ceil(cpu_memory_gb(plan)) if mem_gb is None else mem_gb
-        minutes = cpu_minutes(plan, res) if timeout_min is None else timeout_min
+        minutes = cpu_minutes(plan.compute, res) if timeout_min is None else timeout_min
+        cpus = cpus_per_task or (threads if threads > 0 else None)
     else:
         n_nodes = nodes or plan.nodes
         gpn = gpus_per_node or math.ceil(plan.gpus / plan.nodes)
@@ -195,10 +245,16 @@ def shape_of(plan: Plan, res: ResourcesConfig, gpus_per_node: Optional[int] = No
         # host RAM per node >= the training state its GPUs hold (checkpoints pass through it)
         mem = math.ceil(plan.memory_gb * gpn) if mem_gb is None else mem_gb
         minutes = plan.time_limit_min if timeout_min is None else timeout_min
-        gpus_per_node = gpn
+        cpus = cpus_per_task
     if max_timeout_min:
         minutes = min(minutes, max_timeout_min)
-    return Shape(n_nodes, gpus_per_node, tasks, mem if mem is None or mem >= 0 else None, max(1, minutes))
+    return Shape(n_nodes, gpn, tasks, mem if mem is None or mem >= 0 else None, max(1, minutes), cpus)
+
+
+def job_shape(job: PlannedJob, **overrides) -> Shape:
+    """shape_of a planned job, with its resources and train.threads; `overrides` are
+    shape_of's (the SLURM launcher's per-job resources, None for "from the plan")."""
+    return shape_of(job.plan, job.job.resources, threads=job.job.train.threads, **overrides)
 
 
 def group_by_shape(jobs: Iterable[PlannedJob], shape: Callable[[PlannedJob], Shape]) -> dict[Shape, list[PlannedJob]]:
@@ -226,6 +282,8 @@ def fmt_minutes(minutes: float) -> str:
 
 
 def fmt_hours(hours: float) -> str:
+    if hours == 0:
+        return "0"
     return f"{hours:.3g}" if hours >= 0.01 else f"{hours:.1e}"
 
 

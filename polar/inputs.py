@@ -1,0 +1,112 @@
+"""What one training run consumes: `RunInputs`, built by one function per stage.
+
+- `pretrain_inputs`: the tokenizer (a small BPE trained offline, or a tokenizer
+  directory), the synthesized data set (cached by content; its hash is the data_id), its
+  token triplets, and a randomly initialised model of the preset's shape.
+- `finetune_inputs`: a saved POLAR model directory, its own tokenizer, and the
+  reference implementation's preference JSONL as token triplets (data_id: a hash of the
+  files' contents).
+
+The job (sweeps.jobs) does the same with either: plan, track, build inputs, fit, save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from polar.config import DataConfig, ModelConfig
+from polar.data import TokenTriplets
+from polar.template import Layout
+
+
+@dataclass
+class RunInputs:
+    model: Any                      # a PolarRewardModel, on the CPU
+    tokenizer: Any
+    special: dict[str, int]         # bos, sep, reward, pad ids (polar.tokenizer.special_ids)
+    train: TokenTriplets
+    val: TokenTriplets
+    data_id: str
+
+
+# ---------------------------------------------------------------- pre-training
+
+def data_tokenizer(data: DataConfig, cache_dir: str | Path):
+    """(tokenizer, its identity for the data set's cache key) of a data config."""
+    from polar.tokenizer import cached_bpe, load_tokenizer
+
+    if data.tokenizer == "bpe":
+        return (cached_bpe(data.corpus, data.vocab_size, Path(cache_dir)),
+                f"bpe-{data.vocab_size}-{'-'.join(data.corpus)}")
+    return load_tokenizer(data.tokenizer), str(Path(data.tokenizer).resolve())
+
+
+def synthesized_data(data: DataConfig, vocab_size: int, cache_dir: str | Path):
+    """(tokenizer, data folder, manifest) of a data config, synthesized when not cached yet."""
+    from polar.synthesis import config_key, synthesize
+
+    tok, tok_id = data_tokenizer(data, cache_dir)
+    if len(tok) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={vocab_size}; "
+                         "use a model preset with a vocabulary at least as large")
+    data_dir = Path(cache_dir) / "data" / config_key(data, tok_id)
+    return tok, data_dir, synthesize(data, tok, data_dir)   # reads the manifest when the data set exists
+
+
+def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path, seed: int) -> RunInputs:
+    import torch
+
+    from polar.data import tokenize_triplets
+    from polar.model import build_model
+    from polar.synthesis import read_split
+    from polar.tokenizer import special_ids
+
+    tok, data_dir, manifest = synthesized_data(data, model.vocab_size, cache_dir)
+    special = special_ids(tok)
+    torch.manual_seed(seed)
+    net = build_model(model, bos_token_id=special["bos"], pad_token_id=special["pad"],
+                      reward_token_id=special["reward"], sep_token_id=special["sep"])
+    return RunInputs(net, tok, special, tokenize_triplets(read_split(data_dir, "train"), tok),
+                     tokenize_triplets(read_split(data_dir, "val"), tok), manifest["data_id"])
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def preference_data_id(*paths: str | Path | None) -> str:
+    """Content hash of the preference files (None entries skipped)."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path is not None:
+            try:
+                h.update(Path(path).read_bytes())
+            except OSError as err:
+                raise ValueError(f"cannot read preference file {str(path)!r}: {err.strerror}") from None
+    return h.hexdigest()[:16]
+
+
+def finetune_data(model_dir: str | Path, train_path: str | Path, val_path: str | Path | None,
+                  val_fraction: float, seed: int, layout: Layout):
+    """(tokenizer of model_dir, train TokenTriplets, val TokenTriplets), without loading the
+    model. Validation: val_path, else a seeded val_fraction of the training file."""
+    from polar.finetune import preference_triplets, read_preferences, split_rows
+    from polar.tokenizer import model_tokenizer
+
+    tokenizer = model_tokenizer(Path(model_dir))
+    rows = read_preferences(train_path)
+    if val_path is not None:
+        train_rows, val_rows = rows, read_preferences(val_path)
+    else:
+        train_rows, val_rows = split_rows(rows, val_fraction, seed)
+    return tokenizer, preference_triplets(train_rows, tokenizer, layout), preference_triplets(val_rows, tokenizer, layout)
+
+
+def finetune_inputs(model_dir: str | Path, tokenizer, train: TokenTriplets, val: TokenTriplets,
+                    data_id: str) -> RunInputs:
+    """A fine-tuning run's inputs from finetune_data's result and the starting model."""
+    from polar.model import load_model
+    from polar.tokenizer import special_ids
+
+    return RunInputs(load_model(Path(model_dir)), tokenizer, special_ids(tokenizer), train, val, data_id)

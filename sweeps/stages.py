@@ -1,0 +1,129 @@
+"""A job's stage: what it checks before anything starts, what it hashes into the run key,
+what it measures for the plan, and how it builds its RunInputs (polar.inputs).
+
+- pretrain: synthesized data (cached by content) and a randomly initialised model of the
+  `model` preset; nothing to measure (lengths come from the data config).
+- finetune: a saved POLAR model (`finetune.init_from`, checked against the `model`
+  preset's shape) and the reference implementation's preference JSONL; the plan uses the
+  data's measured lengths and, without a budget, one epoch. Measuring reads and tokenizes
+  the files once per process (`measure` and `inputs` share the result).
+
+sweeps.jobs runs every stage the same way: plan -> track -> build inputs -> fit -> save.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from polar.inputs import RunInputs
+from sweeps.schema import JobConfig
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Lengths of a stage's real data, for the plan (pure planning takes them as input)."""
+
+    n_triplets: int
+    seq_len: float                 # mean tokens per sequence in POLAR's layout
+    tokens_per_triplet: float      # tokens the training path processes per triplet
+
+
+class Pretrain:
+    name, suffix = "pretrain", ""
+
+    def check(self, job: JobConfig) -> None:
+        pass
+
+    def key_extras(self, job: JobConfig) -> dict:
+        return {}
+
+    def measure(self, job: JobConfig) -> Measured | None:
+        return None
+
+    def inputs(self, job: JobConfig) -> RunInputs:
+        from polar.inputs import pretrain_inputs
+
+        return pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed)
+
+    def init_from(self, job: JobConfig) -> str | None:
+        return None
+
+
+class Finetune:
+    name, suffix = "finetune", "-ft"
+
+    def check(self, job: JobConfig) -> None:
+        check_init_from(job)
+
+    def key_extras(self, job: JobConfig) -> dict:
+        from polar.inputs import preference_data_id
+
+        ft = job.finetune
+        return {"finetune": {**asdict(ft), "data_id": preference_data_id(ft.train_path, ft.val_path),
+                             "init_from": _model_identity(ft.init_from)}}
+
+    def measure(self, job: JobConfig) -> Measured:
+        _, train, _ = _finetune_data(job)
+        per_triplet = train.packed_tokens() if job.train.packing else train.naive_tokens()
+        return Measured(len(train), float(train.naive_tokens().mean()) / 2, float(per_triplet.mean()))
+
+    def inputs(self, job: JobConfig) -> RunInputs:
+        from polar.inputs import finetune_inputs, preference_data_id
+
+        tokenizer, train, val = _finetune_data(job)
+        data_id = preference_data_id(job.finetune.train_path, job.finetune.val_path)
+        return finetune_inputs(job.finetune.init_from, tokenizer, train, val, data_id)
+
+    def init_from(self, job: JobConfig) -> str | None:
+        return str(Path(job.finetune.init_from).resolve())
+
+
+STAGES = {s.name: s for s in (Pretrain(), Finetune())}
+
+
+def stage_of(job: JobConfig):
+    return STAGES[job.stage]
+
+
+def check_init_from(job: JobConfig) -> Path:
+    """The starting model directory, checked against the `model` preset's shape."""
+    path = Path(job.finetune.init_from)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"finetune.init_from={str(path)!r} is not a POLAR model directory (no config.json); "
+                         "give a pre-training run's model folder, e.g. outputs/runs/<run key>/model")
+    from polar.model import hf_shape
+
+    saved, preset = json.loads(config.read_text()), hf_shape(job.model)
+    differ = {k: (saved.get(k), v) for k, v in preset.items() if saved.get(k) != v}
+    if differ:
+        raise ValueError(f"finetune.init_from={str(path)!r} does not have the shape of model={job.model.name!r}: "
+                         + ", ".join(f"{k} {a} (saved) != {b} (preset)" for k, (a, b) in differ.items())
+                         + "; pick the preset the model was pre-trained with")
+    return path
+
+
+def _finetune_data(job: JobConfig):
+    ft = job.finetune
+    return _preference_data(str(check_init_from(job)), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
+                            ft.wrapper)
+
+
+@functools.lru_cache(maxsize=8)
+def _preference_data(init_from, train_path, val_path, val_fraction, seed, wrapper):
+    """Read and tokenized once per process (planning and training both need them)."""
+    from polar.inputs import finetune_data
+    from polar.template import Layout
+
+    return finetune_data(init_from, train_path, val_path, val_fraction, seed, Layout(wrapper=wrapper))
+
+
+def _model_identity(path: str) -> dict:
+    """Which starting model: its folder, and size and mtime of its weights (cheap to take
+    for a 7B model, unlike a hash)."""
+    weights = sorted(Path(path).glob("*.safetensors"))
+    return {"path": str(Path(path).resolve()),
+            "weights": [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]}
