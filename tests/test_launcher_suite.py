@@ -29,9 +29,20 @@ QUIET = ["-m", "hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
 SLURM = ["hydra.launcher.poll_s=0.25", "hydra.launcher.state_poll_s=5", "hydra.launcher.timeout_min=5"]
 
 
+@pytest.fixture(autouse=True)
+def hydra_version_base_unset(monkeypatch):
+    """Hydra's version_base is process-wide: tests that compose with version_base="1.3"
+    (job chdir off) would change what these suites (written for the default) expect."""
+    from hydra import version
+
+    monkeypatch.setattr(version.VersionBase.instance(), "version_base", version._UNSPECIFIED_)
+
+
+
 # ------------------------------------------------------------------ local
 
 @pytest.mark.parametrize("launcher_name, overrides", [("polar_local", [])])
+
 class TestLocalLauncher(LauncherTestSuite):
     pass
 

@@ -44,8 +44,6 @@ INIT_KEYS = ("submitit_folder", "max_num_timeout")
 BASE_KEYS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
              "stderr_to_stdout")
 CLIENTS = ("sbatch", "sacct", "scancel", "sinfo")
-UNFINISHED = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED", "CONFIGURING",
-              "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED", "STAGE_OUT", "SIGNALING"}
 
 
 # ------------------------------------------------------------------ before submitting
