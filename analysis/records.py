@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, get_type_hints
 
 import numpy as np
 import pandas as pd
@@ -31,11 +31,9 @@ from polar.names import CURVE_COLUMNS, RECORD_COLUMNS, ScalingRecord
 __all__ = ["RECORD_COLUMNS", "CURVE_COLUMNS", "FailedRun", "Records", "RunsError", "load_records",
            "load_jsonl_records", "read_csv", "complete_records"]
 
-# run parameters carried beside each record, and their types (the rest are strings)
-EXTRA_PARAMS = ["flops_per_token", "lr", "batch_size", "seq_len", "seed", "data_id", "run_key", "sweep_id"]
-_FLOAT_PARAMS = {"n_params", "n_params_nonembed", "flops_per_token", "tokens", "compute", "lr", "seq_len"}
-_INT_PARAMS = {"batch_size", "seed"}
-assert set(EXTRA_PARAMS) <= set(names.PARAM_NAMES), "analysis reads a parameter that jobs do not log"
+# run parameters carried beside each record; MLflow holds strings, RunParams says the types
+EXTRA_PARAMS = list(names.RECORD_EXTRAS)
+_PARAM_TYPES = {k: v for k, v in get_type_hints(names.RunParams).items() if v in (int, float)}
 _CURVE_METRICS = {names.VAL_LOSS: "val_loss", names.TOKENS_SEEN: names.TOKENS_SEEN,
                   names.FLOPS_SEEN: names.FLOPS_SEEN}
 
@@ -65,9 +63,8 @@ class Records:
     tracking_uri: str | None = None
 
 
-def _number(params: Mapping[str, str], key: str):
+def _number(params: Mapping[str, str], key: str, cast=float):
     v = params.get(key)
-    cast = int if key in _INT_PARAMS else float
     try:
         return cast(float(v))
     except (TypeError, ValueError):
@@ -75,7 +72,7 @@ def _number(params: Mapping[str, str], key: str):
 
 
 def _param(params: Mapping[str, str], key: str):
-    return _number(params, key) if key in _FLOAT_PARAMS | _INT_PARAMS else params.get(key)
+    return _number(params, key, _PARAM_TYPES[key]) if key in _PARAM_TYPES else params.get(key)
 
 
 def _row(run_id: str, run_name: str, params: Mapping[str, str], final_loss, curve: pd.DataFrame) -> dict | None:
@@ -83,8 +80,8 @@ def _row(run_id: str, run_name: str, params: Mapping[str, str], final_loss, curv
     loss = final_loss if final_loss is not None else (float(curve["val_loss"].iloc[-1]) if len(curve) else None)
     if loss is None:
         return None
-    record = ScalingRecord(run_id, params.get("model", run_name), *(_number(params, k) for k in RECORD_COLUMNS[2:6]),
-                           float(loss))
+    record = ScalingRecord(run_id=run_id, model=params.get("model", run_name), loss=float(loss),
+                           **{k: _number(params, k) for k in ("n_params", "n_params_nonembed", "tokens", "compute")})
     return {**asdict(record), "run_name": run_name, **{k: _param(params, k) for k in EXTRA_PARAMS}}
 
 
@@ -118,8 +115,15 @@ def _job_runs(client, experiment_id: str) -> list:
 
 
 def _curve(client, run_id: str) -> pd.DataFrame:
-    cols = {col: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, metric)}, dtype=float)
-            for metric, col in _CURVE_METRICS.items()}
+    history = {metric: {m.step: m.value for m in client.get_metric_history(run_id, metric)}
+               for metric in _CURVE_METRICS}
+    return _curve_frame(run_id, history)
+
+
+def _curve_frame(run_id: str, metrics: Mapping[str, Mapping[int, float]]) -> pd.DataFrame:
+    """A validation curve (CURVE_COLUMNS) from {metric: {step: value}}: one row per step
+    that has a validation loss."""
+    cols = {col: pd.Series(metrics.get(metric, {}), dtype=float) for metric, col in _CURVE_METRICS.items()}
     df = pd.DataFrame(cols).rename_axis("step").reset_index()
     df = df.dropna(subset=["val_loss"]).sort_values("step")
     df.insert(0, "run_id", run_id)
@@ -164,7 +168,7 @@ def _run_experiment(run_dir: Path) -> str | None:
     import yaml
 
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        cfg = yaml.safe_load((run_dir / names.CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
     return cfg.get("experiment_name") if isinstance(cfg, dict) else None
@@ -173,10 +177,7 @@ def _run_experiment(run_dir: Path) -> str | None:
 def jsonl_record(run, run_id: str) -> tuple[dict | None, pd.DataFrame]:
     """One run's metrics.jsonl, read by polar.sinks.read_jsonl, as a record row (None when
     the run logged no validation loss) and its curve (CURVE_COLUMNS)."""
-    val, tok, flo = (run.metrics.get(k, {}) for k in _CURVE_METRICS)
-    curve = pd.DataFrame([{"run_id": run_id, "step": s, names.TOKENS_SEEN: tok.get(s, np.nan),
-                           names.FLOPS_SEEN: flo.get(s, np.nan), "val_loss": v} for s, v in sorted(val.items())],
-                         columns=CURVE_COLUMNS)
+    curve = _curve_frame(run_id, run.metrics)
     final = run.metrics.get(names.VAL_LOSS_FINAL, {})
     name = run.tags.get(names.RUN_NAME_TAG) or run_id
     return _row(run_id, name, run.params, final[max(final)] if final else None, curve), curve
@@ -195,7 +196,7 @@ def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = Non
         raise RunsError(f"runs folder {str(root)!r} does not exist (a sweep's paths.runs_dir, "
                         f"default outputs/runs)")
     rows, curves, failed, unfinished = [], [], [], []
-    for path in sorted(root.glob("*/metrics.jsonl")):
+    for path in sorted(root.glob(f"*/{names.METRICS_FILE}")):
         if experiment is not None and _run_experiment(path.parent) != experiment:
             continue
         run = read_jsonl(path)

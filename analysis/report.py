@@ -31,6 +31,7 @@ from analysis import fit as F
 from analysis.frontier import envelope, isoflop_minima, pareto_frontier
 from analysis.laws import chinchilla_optimal
 from polar import names
+from polar.names import CURVE_COLUMNS
 
 __all__ = ["ReportError", "analyse", "write_report", "main"]
 
@@ -63,7 +64,7 @@ def average_seeds(records: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataF
         members = curves[curves["run_id"].isin(group["run_id"])]
         if len(members):
             by_step = members.groupby("step")
-            mean = by_step[["tokens_seen", "flops_seen", "val_loss"]].mean()[by_step.size() == len(group)]
+            mean = by_step[CURVE_COLUMNS[2:]].mean()[by_step.size() == len(group)]
             means.append(mean.reset_index().assign(run_id=row["run_id"])[curves.columns])
     averaged = pd.DataFrame(rows).reset_index(drop=True) if rows else records.assign(loss_std=[], n_seeds=[])
     mean_curves = pd.concat(means, ignore_index=True) if means else curves.iloc[0:0]

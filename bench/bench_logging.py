@@ -80,18 +80,15 @@ def compose_job(model: str):
 
 
 def train(job, data, plan, steps, run_dir, sink):
-    import torch
+    """Train a copy of the inputs' model (the same initial weights for every call)."""
+    import copy
 
-    from polar.model import build_model
     from polar.trainer import fit
 
-    torch.manual_seed(job.seed)
-    sp = data.special
-    model = build_model(job.model, bos_token_id=sp["bos"], pad_token_id=sp["pad"], reward_token_id=sp["reward"],
-                        sep_token_id=sp["sep"])
+    model = copy.deepcopy(data.model)
     cfg = job.train.for_trainer(plan.lr, plan.batch_size)
     t0 = time.perf_counter()
-    result = fit(model, data.train, data.val, sp, cfg, steps, plan.flops_per_token, run_dir, sink,
+    result = fit(model, data.train, data.val, data.special, cfg, steps, plan.flops_per_token, run_dir, sink,
                  progress=False)
     return model, result, time.perf_counter() - t0
 
@@ -99,6 +96,7 @@ def train(job, data, plan, steps, run_dir, sink):
 def bench_model(name: str, uri: str, max_steps: int | None, ab: bool, tmp: Path) -> dict:
     import torch
 
+    from polar import names
     from polar.inputs import pretrain_inputs
     from polar.sinks import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink
     from sweeps.jobs import plan_of, run_key, run_params
@@ -112,16 +110,16 @@ def bench_model(name: str, uri: str, max_steps: int | None, ab: bool, tmp: Path)
     data = pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed)
     exp = ensure_experiment("bench-logging", uri) if not uri.startswith("sqlite:") else \
         _client(uri).create_experiment(f"bench-logging-{name}", artifact_location=str(tmp / "artifacts"))
-    run_id = create_run(exp, f"bench-{name}", {"polar.kind": "bench"}, uri)
+    run_id = create_run(exp, f"bench-{name}", {names.KIND_TAG: "bench"}, uri)
     remote = MLflowSink(run_id, uri)
     run_dir = tmp / f"run-{name}"
-    sink = TimedSink(SkipLogged(TeeSink(JsonlSink(run_dir / "metrics.jsonl"), remote), {}))
+    sink = TimedSink(SkipLogged(TeeSink(JsonlSink(run_dir / names.METRICS_FILE), remote), {}))
     sink.log_params(run_params(job, plan, run_key(job), data.data_id).as_dict())
     model, result, wall = train(job, data, plan, steps, run_dir, sink)
     delivery_cpu = remote.cpu_seconds
 
     t0 = time.perf_counter()                          # the run's end, as JobRun.complete does it
-    sink.log_many([({"val/loss_final": result.val_loss}, result.steps)])
+    sink.log_many([({names.VAL_LOSS_FINAL: result.val_loss}, result.steps)])
     model.save_pretrained(run_dir / "model")
     remote.log_artifacts(str(run_dir / "model"), "model")
     undelivered = sink.finish("FINISHED")

@@ -179,10 +179,10 @@ class TrainSettings:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
 
-    def for_trainer(self, lr: float, batch_size: int, **changes) -> "TrainConfig":
-        """These settings (with `changes`) plus the LR and batch size: the trainer's config."""
-        values = {f.name: getattr(self, f.name) for f in fields(TrainSettings)}
-        return TrainConfig(**{**values, **changes}, lr=lr, batch_size=batch_size)
+    def for_trainer(self, lr: float, batch_size: int) -> "TrainConfig":
+        """These settings plus the LR and batch size: the trainer's config."""
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)}, lr=lr,
+                           batch_size=batch_size)
 
 
 @dataclass

@@ -12,6 +12,7 @@ The job (sweeps.jobs) does the same with either: plan, track, build inputs, fit,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,8 +76,10 @@ def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path,
 
 # ---------------------------------------------------------------- fine-tuning
 
+@functools.lru_cache(maxsize=8)
 def preference_data_id(*paths: str | Path | None) -> str:
-    """Content hash of the preference files (None entries skipped)."""
+    """Content hash of the preference files (None entries skipped); hashed once per
+    process (the run key and the inputs both need it)."""
     h = hashlib.sha256()
     for path in paths:
         if path is not None:

@@ -7,6 +7,7 @@ them. A renamed metric breaks at import time, not in a plot.
 - Metrics, with step = optimizer step: TRAIN_LOSS ... MFU, and the final VAL_LOSS_FINAL.
 - Parameters: the fields of RunParams (their names are the parameter names).
 - Tags: run key, kind (job, sweep, analysis), error reason, the process holding a run.
+- The files a run folder holds beside its checkpoint, which analysis reads back.
 - ScalingRecord: one finished run as analysis sees it; CURVE_COLUMNS its validation curve.
 
 Pure data, no imports beyond the standard library: polar/, sweeps/ and analysis/ all
@@ -42,6 +43,11 @@ SLURM_JOB_TAG = "polar.slurm_job"           # JOBID, or ARRAYJOBID_TASKID for an
 RUN_NAME_TAG = "mlflow.runName"             # MLflow's own
 PARENT_RUN_TAG = "mlflow.parentRunId"       # MLflow's own: nests job runs under their sweep's run
 FLOPS_CONVENTION = "6N+12LdS fwd+bwd (PaLM)"
+
+# ---------------------------------------------------------------- files of a run folder (and artifacts)
+METRICS_FILE = "metrics.jsonl"              # every metric point, params, tags and status records
+CONFIG_FILE = "config.yaml"                 # the job's resolved config
+OVERRIDES_FILE = "overrides.yaml"           # its Hydra overrides
 
 # ---------------------------------------------------------------- analysis runs (polar.kind = analysis)
 FIT_N, FIT_C = "fit_n", "fit_c"             # the L(N) fit and the compute frontier's L(C) fit
@@ -82,6 +88,8 @@ class RunParams:
 
 
 PARAM_NAMES = tuple(f.name for f in fields(RunParams))
+# the parameters analysis carries beside each ScalingRecord (records, replicas, reports)
+RECORD_EXTRAS = ("flops_per_token", "lr", "batch_size", "seq_len", "seed", "data_id", "run_key", "sweep_id")
 
 
 @dataclass(frozen=True)

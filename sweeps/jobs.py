@@ -17,7 +17,7 @@ from pathlib import Path
 
 from polar.names import RunParams
 from sweeps.derive import Plan, local_refusal, plan_run
-from sweeps.runs import ENV_SWEEP_ID, JobRun, git_sha
+from sweeps.runs import JobRun, git_sha, sweep_id
 from sweeps.schema import JobConfig
 from sweeps.stages import Measured, stage_of
 
@@ -64,8 +64,9 @@ def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> RunParams:
     return RunParams(model=plan.model, n_params=plan.n_params, n_params_nonembed=plan.n_params_nonembed,
                      flops_per_token=plan.flops_per_token, tokens=plan.tokens, compute=plan.compute, lr=plan.lr,
                      batch_size=plan.batch_size, seq_len=plan.seq_len, seed=job.seed, steps=plan.steps,
-                     data_id=data_id, run_key=key, sweep_id=os.environ.get(ENV_SWEEP_ID, "none"),
-                     git_sha=git_sha(), stage=job.stage, init_from=stage_of(job).init_from(job))
+                     data_id=data_id, run_key=key, sweep_id=sweep_id(),
+                     git_sha=git_sha(), stage=job.stage, init_from=stage_of(job).init_from(job),
+                     backbone_tokens=getattr(job.recipe, "backbone_tokens", None))
 
 
 def run_job(job: JobConfig, job_index: str = "") -> dict:
@@ -221,7 +222,7 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, job_r
     inputs = built if env.is_main else stage.inputs(job)
     params = run_params(job, plan, key, inputs.data_id).as_dict()
     on_main(lambda: job_run.start(params), env)
-    train_cfg = job.train.for_trainer(plan.lr, plan.batch_size, parallel=plan.parallel)
+    train_cfg = job.train.for_trainer(plan.lr, plan.batch_size)
     device = device_for(env, job.train.device)
     model = set_attention(inputs.model.to(device), attention_for(device, train_cfg.packing))
     model = wrap_model(model, plan.parallel, env)
@@ -256,8 +257,8 @@ def save_model(model, tokenizer, model_dir: Path, env) -> None:
 def finished_locally(job: JobConfig) -> bool:
     """Whether the job's run folder says that it finished (its metrics.jsonl ends
     FINISHED); run_job still asks MLflow, this only spares such a job a worker process."""
+    from polar.names import METRICS_FILE
     from polar.sinks import read_jsonl
-    from sweeps.runs import METRICS_FILE
 
     return read_jsonl(Path(job.paths.runs_dir) / run_key(job) / METRICS_FILE).status == "FINISHED"
 

@@ -28,6 +28,7 @@ tracking.backend=off only the JSONL file is written.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import socket
 import subprocess
@@ -37,14 +38,25 @@ from pathlib import Path
 
 from polar import names
 from polar.atomic import write_text_atomic
-from polar.names import ERROR_TAG, HOST_TAG, KIND_TAG, PID_START_TAG, PID_TAG, SLURM_JOB_TAG
+from polar.names import (
+    CONFIG_FILE,
+    ERROR_TAG,
+    HOST_TAG,
+    KIND_TAG,
+    METRICS_FILE,
+    OVERRIDES_FILE,
+    PID_START_TAG,
+    PID_TAG,
+    SLURM_JOB_TAG,
+)
+from polar.sinks import JsonlRun, JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink, read_jsonl, shout
 from sweeps.schema import JobConfig
 
 ENV_EXPERIMENT_ID = "POLAR_MLFLOW_EXPERIMENT_ID"
 ENV_PARENT_RUN_ID = "POLAR_PARENT_RUN_ID"
 ENV_SWEEP_ID = "POLAR_SWEEP_ID"
 RUN_ID_FILE = "mlflow_run_id"
-METRICS_FILE = "metrics.jsonl"
+MAX_REASON = 4000                # characters of a failure reason kept in tag polar.error
 # sacct states of a job that may still write to its run (requeued jobs pass through these)
 SLURM_LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
                                "SUSPENDED", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "STOPPED"})
@@ -71,6 +83,12 @@ def quiet_http_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
+def sweep_id() -> str:
+    """The sweep this process's job belongs to (open_sweep exports it), or "none"."""
+    return os.environ.get(ENV_SWEEP_ID, "none")
+
+
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -126,7 +144,7 @@ def end_run(mlflow_client, run_id: str, status: str, reason: str | None = None) 
     from mlflow.entities import RunTag
 
     if reason:
-        mlflow_client.log_batch(run_id, tags=[RunTag(ERROR_TAG, reason[:4000])])
+        mlflow_client.log_batch(run_id, tags=[RunTag(ERROR_TAG, reason[:MAX_REASON])])
     mlflow_client.set_terminated(run_id, status)
 
 
@@ -211,7 +229,7 @@ def open_sweep(experiment_name: str, uri: str) -> tuple[str, str, str]:
     for the sweep; exports the ids for the jobs. Returns (experiment id, parent run id,
     sweep id)."""
     quiet_http_retries()
-    sweep_id = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    new_id = f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         exp_id = ensure_experiment(experiment_name, uri)
     except Exception as err:
@@ -221,10 +239,10 @@ def open_sweep(experiment_name: str, uri: str) -> tuple[str, str, str]:
     dead = mark_dead_runs(exp_id, uri)
     if dead:
         print(f"marked FAILED (their process is gone): {', '.join(dead)}", flush=True)
-    tags = {KIND_TAG: names.SWEEP, names.SWEEP_ID: sweep_id, names.GIT_SHA: git_sha(), **process_tags()}
-    parent = create_run(exp_id, f"sweep-{sweep_id}", tags, uri)
-    os.environ.update({ENV_EXPERIMENT_ID: exp_id, ENV_PARENT_RUN_ID: parent, ENV_SWEEP_ID: sweep_id})
-    return exp_id, parent, sweep_id
+    tags = {KIND_TAG: names.SWEEP, names.SWEEP_ID: new_id, names.GIT_SHA: git_sha(), **process_tags()}
+    parent = create_run(exp_id, f"sweep-{new_id}", tags, uri)
+    os.environ.update({ENV_EXPERIMENT_ID: exp_id, ENV_PARENT_RUN_ID: parent, ENV_SWEEP_ID: new_id})
+    return exp_id, parent, new_id
 
 
 def close_sweep(uri: str | None, experiment_id: str, run_id: str) -> None:
@@ -261,12 +279,12 @@ class JobRun:
     """
 
     def __init__(self, job: JobConfig, run_dir: Path, run_id: str | None = None, *, finished: bool = False,
-                 final_loss: float | None = None, resumed: bool = False, resolve=None):
-        from polar.sinks import JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink, read_jsonl
-
+                 final_loss: float | None = None, resumed: bool = False, resolve=None,
+                 previous: JsonlRun | None = None):
         self.job, self.run_dir, self.run_id = job, Path(run_dir), run_id
         self.finished, self.final_loss, self.resumed = finished, final_loss, resumed
-        self.previous = read_jsonl(self.run_dir / METRICS_FILE)   # what earlier attempts logged
+        # what earlier attempts logged (read by the caller already, when it had to)
+        self.previous = previous if previous is not None else read_jsonl(self.run_dir / METRICS_FILE)
         self.labels: dict[str, str] = {}
         self.remote = None
         self.undelivered = 0
@@ -311,23 +329,22 @@ class JobRun:
         if run is not None:
             _supersede(run, run_dir, uri)
         if saved:
-            _shout(f"{run_dir / RUN_ID_FILE} names MLflow run {saved}, which the experiment's runs of key {key} "
-                   "do not include; starting a new run (earlier points are replayed from metrics.jsonl)")
+            shout(f"{run_dir / RUN_ID_FILE} names MLflow run {saved}, which the experiment's runs of key {key} "
+                  "do not include; starting a new run (earlier points are replayed from metrics.jsonl)")
         return cls(job, run_dir, _create(exp_id, key, name, run_dir, uri))
 
     @classmethod
     def _offline(cls, job, key, name, run_dir, saved, err) -> "JobRun":
-        from polar.sinks import read_jsonl
-
         local = read_jsonl(run_dir / METRICS_FILE)
         if local.status == "FINISHED":
             final = local.metrics.get(names.VAL_LOSS_FINAL, {})
-            return cls(job, run_dir, saved, finished=True, final_loss=final[max(final)] if final else None)
-        _shout(f"MLflow at {job.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default URI'} "
-               f"cannot be reached ({type(err).__name__}: {str(err)[:200]}); training goes on, metrics go to "
-               f"{run_dir / METRICS_FILE} and are delivered when the server is back")
+            return cls(job, run_dir, saved, finished=True, final_loss=final[max(final)] if final else None,
+                       previous=local)
+        shout(f"MLflow at {job.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default URI'} "
+              f"cannot be reached ({type(err).__name__}: {str(err)[:200]}); training goes on, metrics go to "
+              f"{run_dir / METRICS_FILE} and are delivered when the server is back")
         if saved:
-            return cls(job, run_dir, saved, resumed=True)
+            return cls(job, run_dir, saved, resumed=True, previous=local)
 
         def resolve(mlflow_client) -> str:      # in the sink's thread, once the server answers
             exp_id = os.environ.get(ENV_EXPERIMENT_ID) or ensure_experiment(job.experiment_name, job.tracking.uri)
@@ -336,7 +353,7 @@ class JobRun:
                 _supersede(run, run_dir, job.tracking.uri)
             return _create(exp_id, key, name, run_dir, job.tracking.uri)
 
-        return cls(job, run_dir, None, resolve=resolve)
+        return cls(job, run_dir, None, resolve=resolve, previous=local)
 
     # ------------------------------------------------------------ life
     def start(self, params: dict, config_yaml: str | None = None, overrides: list[str] | None = None) -> None:
@@ -344,14 +361,12 @@ class JobRun:
         sweep_id of the first sweep stays) and the config artifacts; mark the run RUNNING."""
         import yaml
 
-        from polar.sinks import JsonlSink
-
         config_yaml = config_yaml if config_yaml is not None else self._config_yaml()
         overrides = overrides if overrides is not None else _hydra_overrides()
         overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_yaml)
-        (self.run_dir / "overrides.yaml").write_text(overrides_yaml)
+        (self.run_dir / CONFIG_FILE).write_text(config_yaml)
+        (self.run_dir / OVERRIDES_FILE).write_text(overrides_yaml)
         jsonl = JsonlSink(self.run_dir / METRICS_FILE)
         jsonl.log_params(params)
         if self.labels:
@@ -373,8 +388,8 @@ class JobRun:
             remote.set_status("RUNNING")
             remote.delete_tag(ERROR_TAG)
         remote.set_tags(process_tags())
-        remote.log_text(config_yaml, "config.yaml")
-        remote.log_text(overrides_yaml, "overrides.yaml")
+        remote.log_text(config_yaml, CONFIG_FILE)
+        remote.log_text(overrides_yaml, OVERRIDES_FILE)
         if previous.points():
             remote.call(lambda mlflow_client, run_id: replay_missing(previous, remote, mlflow_client))
 
@@ -399,7 +414,7 @@ class JobRun:
 
     def _end(self, status: str, reason: str | None = None) -> None:
         if reason:
-            self.sink.set_tags({ERROR_TAG: reason[:4000]})
+            self.sink.set_tags({ERROR_TAG: reason[:MAX_REASON]})
         self.undelivered = self.sink.finish(status) or 0
         if self.undelivered:
             run_id = self.remote.run_id if self.remote is not None else self.run_id
@@ -421,7 +436,7 @@ def _saved_run_id(run_dir: Path) -> str | None:
 
 
 def _create(exp_id: str, key: str, name: str, run_dir: Path, uri: str | None) -> str:
-    tags = {names.RUN_KEY: key, KIND_TAG: names.JOB, names.SWEEP_ID: os.environ.get(ENV_SWEEP_ID, "none"),
+    tags = {names.RUN_KEY: key, KIND_TAG: names.JOB, names.SWEEP_ID: sweep_id(),
             names.GIT_SHA: git_sha(), **process_tags()}
     if os.environ.get(ENV_PARENT_RUN_ID):
         tags[names.PARENT_RUN_TAG] = os.environ[ENV_PARENT_RUN_ID]
@@ -454,15 +469,9 @@ def _hydra_overrides() -> list[str]:
         return []
 
 
-def _shout(message: str) -> None:
-    from polar.sinks import shout
-
-    shout(message)
-
-
 def _last_words() -> None:
     for note in _UNDELIVERED:
-        _shout(note)
+        shout(note)
 
 
 # ------------------------------------------------------------ replay
@@ -472,8 +481,6 @@ def replay_missing(source, sink, mlflow_client=None) -> int:
     read earlier) that its MLflow run lacks, compared by key and step; returns how many.
     Reads the run's history, so it needs the server (queue it with sink.call when it may
     be away)."""
-    from polar.sinks import JsonlRun, read_jsonl
-
     run = source if isinstance(source, JsonlRun) else read_jsonl(source)
     mlflow_client = mlflow_client or sink.client
     missing = []
@@ -488,8 +495,6 @@ def replay_missing(source, sink, mlflow_client=None) -> int:
 def replay(run_dir: str | Path, uri: str | None = None, timeout: float = 300.0) -> int:
     """Deliver what RUN_DIR/metrics.jsonl holds and its MLflow run lacks; returns the
     number of points still undelivered (0 on success)."""
-    from polar.sinks import MLflowSink, read_jsonl
-
     run_dir = Path(run_dir)
     run_id = _saved_run_id(run_dir)
     if run_id is None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from polar.inputs import RunInputs
+from sweeps import schema
 from sweeps.schema import JobConfig
 
 
@@ -31,28 +32,41 @@ class Measured:
     tokens_per_triplet: float      # tokens the training path processes per triplet
 
 
-class Pretrain:
-    name, suffix = "pretrain", ""
+class Stage:
+    """What every stage answers; the defaults are a stage with nothing to check, hash,
+    measure or start from beyond the job config itself."""
+
+    name, suffix = "", ""          # `stage=NAME`; what the run name carries
 
     def check(self, job: JobConfig) -> None:
-        pass
+        """Refuse the job before anything starts (bad inputs on disk)."""
 
     def key_extras(self, job: JobConfig) -> dict:
+        """What the run key hashes beyond the job config (e.g. input files' contents)."""
         return {}
 
     def measure(self, job: JobConfig) -> Measured | None:
+        """The real data's lengths for the plan; None: the data config's are used."""
         return None
+
+    def inputs(self, job: JobConfig) -> RunInputs:
+        raise NotImplementedError(f"stage {self.name!r} builds no inputs")
+
+    def init_from(self, job: JobConfig) -> str | None:
+        """The model the run starts from (a run parameter), None for random weights."""
+        return None
+
+
+class Pretrain(Stage):
+    name = "pretrain"
 
     def inputs(self, job: JobConfig) -> RunInputs:
         from polar.inputs import pretrain_inputs
 
         return pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed)
 
-    def init_from(self, job: JobConfig) -> str | None:
-        return None
 
-
-class Finetune:
+class Finetune(Stage):
     name, suffix = "finetune", "-ft"
 
     def check(self, job: JobConfig) -> None:
@@ -82,6 +96,7 @@ class Finetune:
 
 
 STAGES = {s.name: s for s in (Pretrain(), Finetune())}
+assert tuple(STAGES) == schema.STAGES, "sweeps.schema.STAGES and sweeps.stages.STAGES must agree"
 
 
 def stage_of(job: JobConfig):
@@ -107,8 +122,9 @@ def check_init_from(job: JobConfig) -> Path:
 
 
 def _finetune_data(job: JobConfig):
+    """(tokenizer, train, val); the starting model was checked by `check` (plan_job)."""
     ft = job.finetune
-    return _preference_data(str(check_init_from(job)), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
+    return _preference_data(str(ft.init_from), ft.train_path, ft.val_path, ft.val_fraction, job.seed,
                             ft.wrapper)
 
 

@@ -4,7 +4,7 @@
         client = MlflowClient(server.uri)
 
 The server takes 15 to 40 s to answer /health on a 2-core machine, so start one per test
-module (see the `mlflow_server` fixture in tests/test_tracking.py). `stop()` then
+module (see the `server` fixture in tests/test_tracking_mlflow.py). `stop()` then
 `start()` restarts it on the same port and store, to test a tracking outage.
 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false keeps it from starting its 7 job workers.
 """

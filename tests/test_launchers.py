@@ -29,6 +29,7 @@ from sweeps.sweep_plan import (
     shape_of,
     varying_overrides,
 )
+from tests.fixtures import job_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,17 +40,6 @@ def sweep(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 
                            f"paths.cache_dir={tmp_path}/cache", f"paths.runs_dir={tmp_path}/runs",
                            f"hydra.sweep.dir={tmp_path}/multirun"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def job_config(*overrides: str) -> JobConfig:
-    """One job's config as the sweep composes it (in this process, with Hydra's compose API)."""
-    from hydra import compose, initialize_config_dir
-
-    from sweeps.schema import register, to_job_config
-
-    register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_job_config(compose("config", list(overrides)))
 
 
 def plan_for(*overrides: str) -> Plan:

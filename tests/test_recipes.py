@@ -1,23 +1,9 @@
 """sweeps/recipes.py: the recipes as pure objects, and as the `recipe` config group."""
 
-from pathlib import Path
-
 import pytest
 
 from sweeps.recipes import RECIPES, FixedRecipe, PolarLawRecipe, polar_batch_size, polar_lr
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from sweeps.schema import register, to_job_config
-
-    register()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return to_job_config(hydra_compose("config", list(overrides)))
+from tests.fixtures import job_config as compose
 
 
 def test_fixed_recipe_is_the_same_for_every_size_unless_width_scaled():

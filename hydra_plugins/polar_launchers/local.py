@@ -48,37 +48,40 @@ class LocalLauncher(PlanningLauncher):
         on_gpu = gpu_here and any(not p.plan.on_cpu for p in planned)
         workers = local_workers(self.n_jobs, planned, *machine(), gpu=on_gpu)
         if workers == 1:
-            return self.run_here([self._sweep_config(p.overrides, p.idx) for p in planned])
+            return self.run_here([self._job_config(p.overrides, p.idx) for p in planned])
         return self._launch_parallel(job_overrides, initial_job_idx, planned, workers)
 
     def run_here(self, configs: list) -> list[JobReturn]:
         """Each job's composed config run in this process, one after the other (a failed
         job's JobReturn says so; the sweeper raises its error once all have run)."""
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        self._prepare()
         returns = []
         for cfg in configs:
-            returns.append(run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
-                                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+            returns.append(_run(self.hydra_context, self.task_function, cfg))
+            self._log_here()
         return returns
+
+    def _prepare(self) -> None:
+        """Hydra's globals and logging in this process, and the sweep folder."""
+        setup_globals()
+        self._log_here()
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+
+    def _log_here(self) -> None:
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
     def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
         from sweeps.jobs import finished_locally, prepare_shared_data
         from sweeps.sweep_plan import largest_first
 
-        setup_globals()
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        self._prepare()
         results: dict[int, JobReturn] = {}
         queue = []
         for i in largest_first(planned):
             overrides = job_overrides[i]
             if finished_locally(planned[i].job):   # skipped in a moment here; a worker would take seconds to start
-                results[i] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                     config=self._sweep_config(overrides, initial_job_idx + i),
-                                     job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+                results[i] = _run(self.hydra_context, self.task_function,
+                                  self._job_config(overrides, initial_job_idx + i))
             else:
                 queue.append((i, overrides))
         if queue:
@@ -86,7 +89,7 @@ class LocalLauncher(PlanningLauncher):
             print(f"[local launcher] {len(queue)} jobs, {min(workers, len(queue))} at a time, "
                   "the largest first", flush=True)
             results.update(self._run_in_workers(queue, initial_job_idx, workers))
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        self._log_here()
         return [results[i] for i in range(len(job_overrides))]
 
     def _run_in_workers(self, queue: list, initial_job_idx: int, workers: int) -> dict[int, JobReturn]:
@@ -101,7 +104,7 @@ class LocalLauncher(PlanningLauncher):
                 while queue and free_lines:
                     i, overrides = queue.pop(0)
                     line = free_lines.pop(0)
-                    job_config = self._sweep_config(overrides, initial_job_idx + i)
+                    job_config = self._job_config(overrides, initial_job_idx + i)
                     # cloudpickle: Hydra's state holds classes and lambdas that plain pickle refuses
                     payload = cloudpickle.dumps((state, self.hydra_context, self.task_function, job_config))
                     running[pool.submit(_run_in_child, payload, line)] = (i, line)
@@ -112,8 +115,14 @@ class LocalLauncher(PlanningLauncher):
                     results[i] = cloudpickle.loads(future.result())
         return results
 
-    def _sweep_config(self, overrides, idx: int):
+    def _job_config(self, overrides, idx: int):
         return sweep_config(self.hydra_context, self.config, overrides, idx)
+
+
+def _run(hydra_context, task_function, job_config) -> JobReturn:
+    """One job in this process, in its folder under the sweep's (Hydra's run_job)."""
+    return run_job(hydra_context=hydra_context, task_function=task_function, config=job_config,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
 def _run_in_child(payload: bytes, line: int) -> bytes:
@@ -127,6 +136,4 @@ def _run_in_child(payload: bytes, line: int) -> bytes:
     Singleton.set_state(state)
     setup_globals()
     os.environ[PROGRESS_LINE_ENV] = str(line)
-    ret = run_job(hydra_context=hydra_context, task_function=task_function, config=job_config,
-                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    return cloudpickle.dumps(ret)
+    return cloudpickle.dumps(_run(hydra_context, task_function, job_config))
