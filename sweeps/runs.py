@@ -246,9 +246,12 @@ def open_sweep(experiment_name: str, uri: str) -> tuple[str, str, str]:
 
 
 def close_sweep(uri: str | None, experiment_id: str, run_id: str) -> None:
-    """End the parent run: FAILED with the failed jobs' names if any child failed."""
+    """End the parent run: FAILED with the failed jobs' names if any child failed. A parent
+    run already ended (terminate_parent_run, when the sweep stopped early) stays as it is."""
     try:
         c = client(uri)
+        if c.get_run(run_id).info.status != "RUNNING":
+            return
         children = c.search_runs([experiment_id], f"tags.{names.PARENT_RUN_TAG} = '{run_id}'", max_results=10000)
         bad = [r.info.run_name for r in children if r.info.status in ("FAILED", "KILLED")]
         reason = f"{len(bad)} of {len(children)} jobs failed: {', '.join(bad)}" if bad else None

@@ -175,6 +175,7 @@ def test_slurm_unreachable_is_a_quick_clear_error(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parents = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(parents) == 1 and "SLURM is not reachable" in parents[0].data.tags["polar.error"]
+    assert parents[0].info.status == "FAILED"      # the sweep's exit hook does not end it FINISHED again
 
 
 def test_slurm_launcher_config_defaults():
