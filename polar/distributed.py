@@ -162,13 +162,13 @@ def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None) -> tor
     device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for layer in unwrap(model).model.layers:
+    for layer in unwrap(model).base_model.layers:      # Llama, Qwen2 and GPT-NeoX name them alike
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The PolarRewardModel inside a DDP wrapper (fully_shard keeps the module itself)."""
+    """The reward model inside a DDP wrapper (fully_shard keeps the module itself)."""
     return getattr(model, "module", model)
 
 

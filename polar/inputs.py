@@ -25,7 +25,7 @@ from polar.template import Layout
 
 @dataclass
 class RunInputs:
-    model: Any                      # a PolarRewardModel, on the CPU
+    model: Any                      # a polar.model reward model (a ...ForSequenceClassification), on the CPU
     tokenizer: Any
     special: dict[str, int]         # bos, sep, reward, pad ids (polar.tokenizer.special_ids)
     train: TokenTriplets

@@ -1,21 +1,39 @@
-"""The reward model: a transformers Llama backbone plus a bias-free linear value head.
+"""The reward model: a transformers backbone plus a bias-free linear value head, saved as
+a standard Hugging Face sequence-classification model.
+
+A POLAR reward model of architecture A *is* transformers' `AForSequenceClassification`
+(num_labels 1, `score` a linear head without bias, read by transformers at the last
+non-padding token, which is POLAR's END token): `reward_model_class(model_type)` is that
+class with one change, a forward that also reads scores at chosen positions (several per
+row in a packed batch). Its class name, weights and config are the standard ones, so a
+saved directory loads with plain `AutoModelForSequenceClassification.from_pretrained`
+(and TRL, vLLM's reward serving, ...), and `load_model` loads it back for training.
+
+Backbones (ARCHITECTURES): Llama (SmolLM2, Llama 3; InternLM2 through polar.convert),
+Qwen2 (q/k/v biases), GPT-NeoX (Pythia). `build_model` makes a random Llama-shaped
+model of a preset; `load_backbone` a pre-trained causal LM's weights (its LM head
+dropped, the value head new) with POLAR's special tokens.
 
 Also the pure accounting of a shape: `n_params`, `n_params_nonembed` and
 `flops_per_token`, computed from a ModelConfig alone (tests check them against the
-real module). Models are saved and loaded in the Hugging Face directory format
-(config.json + model.safetensors, the tokenizer beside them); never pickled.
+real module); `module_counts` counts a checkpoint's real module (built on the meta
+device, no weights read). Models are saved and loaded in the Hugging Face directory
+format (config.json + safetensors, the tokenizer beside them); never pickled.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers import LlamaConfig, LlamaModel, LlamaPreTrainedModel
 
 from polar.config import ModelConfig
 
+# model_type (config.json) -> the transformers class a POLAR reward model of it is
+ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "qwen2": "Qwen2ForSequenceClassification",
+                 "gpt_neox": "GPTNeoXForSequenceClassification"}
 HF_SHAPE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size")
 
@@ -29,57 +47,62 @@ def hf_shape(cfg: ModelConfig) -> dict[str, int]:
 
 
 def hf_config(cfg: ModelConfig, *, bos_token_id: int = 1, pad_token_id: int = 0,
-              reward_token_id: int | None = None, sep_token_id: int | None = None) -> LlamaConfig:
-    """The transformers config of a shape; POLAR's special-token ids ride along."""
+              reward_token_id: int | None = None, sep_token_id: int | None = None):
+    """The transformers (Llama) config of a preset; POLAR's special-token ids ride along."""
+    from transformers import LlamaConfig
+
     config = LlamaConfig(
         **hf_shape(cfg), max_position_embeddings=cfg.max_position_embeddings, rope_theta=cfg.rope_theta,
         tie_word_embeddings=False, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
-        eos_token_id=None, attention_bias=False, mlp_bias=False,
+        eos_token_id=None, attention_bias=False, mlp_bias=False, num_labels=1,
     )
     config.reward_token_id = reward_token_id
     config.sep_token_id = sep_token_id
     config.polar_preset = cfg.name
-    config.architectures = ["PolarRewardModel"]
     return config
 
 
-class PolarRewardModel(LlamaPreTrainedModel):
-    """r(prompt, reference, candidate): the value head read at a chosen position."""
+def _reward_forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids: torch.Tensor | None = None,
+                    score_index: torch.Tensor | None = None, score_rows: torch.Tensor | None = None,
+                    **attention_kwargs) -> torch.Tensor:
+    """Rewards in float32. `score_index` (batch,) or (batch, k) picks the positions whose
+    values are the scores; by default the last position of each row. With `score_rows`
+    (n,), the scores are read at (score_rows[i], score_index[i]): several per row, as in a
+    packed batch.
 
-    def __init__(self, config: LlamaConfig):
-        super().__init__(config)
-        self.model = LlamaModel(config)
-        self.v_head = nn.Linear(config.hidden_size, 1, bias=False)
-        self.post_init()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask=None,
-                position_ids: torch.Tensor | None = None,
-                score_index: torch.Tensor | None = None,
-                score_rows: torch.Tensor | None = None, **attention_kwargs) -> torch.Tensor:
-        """Rewards in float32. `score_index` (batch,) or (batch, k) picks the positions
-        whose values are the scores; by default the last position of each row. With
-        `score_rows` (n,), the scores are read at (score_rows[i], score_index[i]): several
-        per row, as in a packed batch.
-
-        attention_mask: a (batch, seq) padding mask, or a 4D mask that transformers uses
-        as given (a (batch, 1, seq, seq) boolean/additive tensor, or a FlexAttention
-        BlockMask): that is how polar.packing passes its shared-prefix mask, with
-        `attention_kwargs` for its attention function (causal_prefix for polar_sdpa)."""
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, use_cache=False, **attention_kwargs).last_hidden_state
-        # .sum(-1) over the head's single output (not squeeze/[:, 0]) returns a new tensor,
-        # not a view: FSDP2 cannot hook the backward of a view returned by a sharded module
-        if score_rows is not None:
-            return self.v_head(hidden[score_rows, score_index]).float().sum(-1)
-        if score_index is None:
-            return self.v_head(hidden[:, -1]).float().sum(-1)
-        values = self.v_head(hidden).float().sum(-1)
-        index = score_index if score_index.dim() == 2 else score_index[:, None]
-        picked = values.gather(1, index)
-        return picked if score_index.dim() == 2 else picked.sum(-1)
+    attention_mask: a (batch, seq) padding mask, or a 4D mask that transformers uses as
+    given (a (batch, 1, seq, seq) boolean/additive tensor, or a FlexAttention BlockMask):
+    that is how polar.packing passes its shared-prefix mask, with `attention_kwargs` for
+    its attention function (causal_prefix for polar_sdpa)."""
+    hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False, **attention_kwargs).last_hidden_state
+    # .sum(-1) over the head's single output (not squeeze/[:, 0]) returns a new tensor,
+    # not a view: FSDP2 cannot hook the backward of a view returned by a sharded module
+    if score_rows is not None:
+        return self.score(hidden[score_rows, score_index]).float().sum(-1)
+    if score_index is None:
+        return self.score(hidden[:, -1]).float().sum(-1)
+    values = self.score(hidden).float().sum(-1)
+    index = score_index if score_index.dim() == 2 else score_index[:, None]
+    picked = values.gather(1, index)
+    return picked if score_index.dim() == 2 else picked.sum(-1)
 
 
-def build_model(cfg: ModelConfig, attn_implementation: str = "polar_sdpa", **token_ids: int | None) -> PolarRewardModel:
+@functools.cache
+def reward_model_class(model_type: str) -> type:
+    """transformers' sequence-classification class of `model_type`, with POLAR's forward;
+    same name, so that save_pretrained records the standard architecture."""
+    import transformers
+
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"model_type {model_type!r} is not a supported backbone; supported: "
+                         f"{sorted(ARCHITECTURES)} (InternLM2: convert it first with python -m polar.convert)")
+    base = getattr(transformers, ARCHITECTURES[model_type])
+    return type(base.__name__, (base,), {"forward": _reward_forward, "__module__": __name__,
+                                         "__doc__": f"{base.__name__} reading POLAR rewards at chosen positions."})
+
+
+def build_model(cfg: ModelConfig, attn_implementation: str = "polar_sdpa", **token_ids: int | None):
     """A randomly initialised model; attention "polar_sdpa" (SDPA, faster on packed
     batches; polar.packing), "sdpa", "flex_attention" (CUDA, packed path) or "eager"."""
     from polar.packing import register_attention
@@ -87,10 +110,10 @@ def build_model(cfg: ModelConfig, attn_implementation: str = "polar_sdpa", **tok
     register_attention()
     config = hf_config(cfg, **token_ids)
     config._attn_implementation = attn_implementation
-    return PolarRewardModel(config)
+    return reward_model_class("llama")(config)
 
 
-def set_attention(model: PolarRewardModel, attn_implementation: str) -> PolarRewardModel:
+def set_attention(model, attn_implementation: str):
     """Switch a built model's attention implementation in place (e.g. to flex_attention
     before packed training on CUDA); returns the model."""
     from polar.packing import register_attention
@@ -100,17 +123,58 @@ def set_attention(model: PolarRewardModel, attn_implementation: str) -> PolarRew
     return model
 
 
-def load_model(path: str | Path) -> PolarRewardModel:
-    """Load a saved POLAR model directory, with a clear error when it is not one."""
+def read_hf_config(path: str | Path, what: str) -> dict:
+    """A model directory's config.json, with errors that name the directory and `what` it
+    should be (never a hub id: the path must be a local directory)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r} is not a directory (a local Hugging Face model folder; "
+                                "hub ids are not fetched)")
+    try:
+        return json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} holds no config.json; found "
+                         f"{sorted(p.name for p in path.iterdir())}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {str(path)!r}: config.json is not valid JSON ({err})") from None
+
+
+def _has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def load_model(path: str | Path):
+    """Load a saved POLAR reward model directory (ours, or a converted official one)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
-    if not (path / "config.json").exists() or not any(path.glob("*.safetensors")):
+    if not (path / "config.json").exists() or not _has_weights(path):
         raise ValueError(f"{str(path)!r} holds no POLAR model: expected config.json and "
                          f"*.safetensors, found {sorted(p.name for p in path.iterdir())}")
-    model = PolarRewardModel.from_pretrained(path)
-    if getattr(model.config, "reward_token_id", None) is None:
-        raise ValueError(f"{str(path)!r} is not a POLAR reward model: its config has no reward_token_id")
+    config = read_hf_config(path, "model directory")
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        raise ValueError(f"{str(path)!r} is not a POLAR reward model: its architectures are "
+                         f"{config.get('architectures')}, expected a ...ForSequenceClassification (a causal LM "
+                         "is a backbone: model.init_from=DIR)")
+    return reward_model_class(config.get("model_type")).from_pretrained(path)
+
+
+def load_backbone(path: str | Path, special: dict[str, int], vocab_size: int, attn_implementation: str = "polar_sdpa"):
+    """A pre-trained causal LM's weights as a reward model: the LM head dropped, a new value
+    head (normal, std = the config's initializer_range, as transformers initialises it),
+    POLAR's special-token ids in the config, and the embedding resized to `vocab_size` (the
+    tokenizer's length, after polar.tokenizer added POLAR's tokens): new rows are drawn
+    from the old rows' mean and covariance (transformers' mean_resizing)."""
+    from polar.packing import register_attention
+
+    config = read_hf_config(path, "model.init_from")
+    register_attention()
+    model = reward_model_class(config.get("model_type")).from_pretrained(
+        Path(path), num_labels=1, pad_token_id=special["pad"], attn_implementation=attn_implementation)
+    if vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size, mean_resizing=True)
+    model.config.reward_token_id, model.config.sep_token_id = special["reward"], special["sep"]
+    model.config.bos_token_id, model.config.pad_token_id = special["bos"], special["pad"]
     return model
 
 

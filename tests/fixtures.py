@@ -158,3 +158,24 @@ def job_config(*overrides: str):
     register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return to_job_config(compose("config", list(overrides)))
+
+
+# ------------------------------------------------------------------ pre-trained backbones (made here)
+
+def tiny_causal_lm(arch: str, path: Path, vocab_size: int = 64, seed: int = 0) -> Path:
+    """A tiny random causal LM of a supported architecture (llama, qwen2, gpt_neox) saved as
+    a local Hugging Face folder, as a pre-trained checkpoint would be: the shape of the
+    debug preset, with each architecture's own quirks (Qwen2's q/k/v biases, GPT-NeoX's
+    fused QKV, biases and non-gated MLP)."""
+    import torch
+    import transformers
+
+    shape = {"vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 64, "max_position_embeddings": 256, "tie_word_embeddings": False}
+    configs = {"llama": lambda: transformers.LlamaConfig(**shape, num_key_value_heads=2),
+               "qwen2": lambda: transformers.Qwen2Config(**shape, num_key_value_heads=2),
+               "gpt_neox": lambda: transformers.GPTNeoXConfig(**shape, rotary_pct=0.25)}
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(configs[arch]())
+    model.save_pretrained(path)
+    return path

@@ -63,7 +63,7 @@ def test_value_head_reads_chosen_position():
     assert torch.allclose(last, model(ids, score_index=torch.tensor([8, 8])))
     assert torch.allclose(at[0], last[0])
     assert torch.allclose(at[1], prefix[1], atol=1e-5)   # causal: position 3 sees only the first 4 tokens
-    assert last.dtype == torch.float32 and model.v_head.bias is None
+    assert last.dtype == torch.float32 and model.score.bias is None
 
 
 def test_save_and_load_roundtrip(tmp_path):
@@ -83,3 +83,42 @@ def test_load_model_errors_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no POLAR model"):
         load_model(tmp_path / "empty")
+
+
+def test_a_saved_model_is_a_standard_sequence_classifier(tokenizer, tmp_path):
+    """Plain transformers (AutoModelForSequenceClassification, no POLAR code) loads a saved
+    model and scores it as RewardScorer does: num_labels 1, no bias, read at the last
+    non-padding token (POLAR's END)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from polar.score import RewardScorer
+    from polar.tokenizer import special_ids
+    from tests.fixtures import save_model, seeded_model
+
+    save_model(seeded_model(special_ids(tokenizer)), tokenizer, tmp_path / "m")
+    scorer = RewardScorer(tmp_path / "m", device="cpu")
+    outputs = ["Short.", "A much longer answer, with several clauses, to pad the others."]
+    ours = scorer.score("What is 2 + 2?", "It is 4.", outputs)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert type(plain).__module__.startswith("transformers.") and plain.config.num_labels == 1
+    assert plain.score.bias is None
+    seqs = [scorer.encode("What is 2 + 2?", "It is 4.", o) for o in outputs]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [scorer.special["pad"]] * (width - len(s)) for s in seqs])   # right-padded
+    with torch.no_grad():
+        theirs = plain(input_ids=ids, attention_mask=(ids != scorer.special["pad"]).long()).logits[:, 0]
+    torch.testing.assert_close(theirs, torch.tensor(ours), rtol=1e-4, atol=1e-4)
+    assert ours[0] != ours[1]
+
+
+def test_an_unsupported_backbone_is_refused_with_the_supported_list(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from polar.model import load_backbone
+
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not a supported backbone; supported: \['gpt_neox', "
+                                         r"'llama', 'qwen2'\]"):
+        load_backbone(tmp_path / "gpt2", {"pad": 0, "bos": 1, "sep": 2, "reward": 3}, vocab_size=64)
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        load_backbone(tmp_path / "HuggingFaceTB/SmolLM2-135M", {}, vocab_size=64)

@@ -20,7 +20,7 @@ from polar.packing import (
     pack_triplets,
 )
 from polar.trainer import evaluate, scores, train_step
-from tests.fixtures import DEBUG_MODEL, RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model
+from tests.fixtures import DEBUG_MODEL, RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model, tiny_causal_lm
 
 
 def _model():
@@ -189,3 +189,20 @@ def test_pretraining_triplets_refuse_the_sft_wrapper(tokenizer):
     assert len(tokenize_triplets(rows, tokenizer).prompt) == 1
     with pytest.raises(ValueError, match="wrapper='sft'"):
         tokenize_triplets(rows, tokenizer, Layout(wrapper="sft"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_packed_equals_naive_for_every_supported_backbone(arch, tmp_path):
+    """A pre-trained backbone of each architecture (polar.model.load_backbone): the packed
+    path's rewards, loss and gradients are the naive path's."""
+    from polar.model import load_backbone
+
+    model = load_backbone(tiny_causal_lm(arch, tmp_path / arch), SPECIAL, vocab_size=64)
+    batch = random_triplets(5, seed=3)
+    naive = _rewards_loss_grads(model, naive_batch(batch, SPECIAL))
+    packed = _rewards_loss_grads(model, pack_triplets(batch, SPECIAL, max_len=80))
+    for a, b in zip(naive[:3], packed[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, grad in naive[3].items():
+        torch.testing.assert_close(grad, packed[3][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert naive[0].std() > 0 and type(model).__name__.endswith("ForSequenceClassification")
