@@ -3,12 +3,19 @@
 `RewardScorer(model_dir).score(prompt, reference, outputs)` encodes every (P, R, O) with
 polar.template.encode (the reference client's encoding: each candidate on its own,
 wrapper "sft" by default), runs the model in batches and returns the value head's output
-at each sequence's END token. Batches are right-padded and sorted by length; since the
-model is causal, padding after END changes no score (tests compare with one-by-one).
+at each sequence's END token.
+
+Batches hold sequences of similar length (sorted, longest first) within a token budget:
+rows x longest row <= max_batch_tokens (and at most batch_size rows); a sequence longer
+than the budget runs alone, so one long line never pads short ones to its length. Rows
+are right-padded and run with no attention mask at all (SDPA's is_causal, nothing
+materialised): the model is causal, so the padding after a row's END cannot reach its
+score, which is read at END (tests compare with one-by-one scoring).
 
 CLI (`python -m polar.score`):
 
     python -m polar.score --model DIR --input FILE.jsonl [--output FILE] [--wrapper sft|pretrain]
+                          [--batch-size 16] [--max-batch-tokens 16384]
 
 Each input line is a JSON object with "prompt", "reference" and "output" (strings or chat
 message lists, as the reference client accepts; an optional "wrapper" overrides
@@ -34,6 +41,7 @@ from polar.template import SFT, WRAPPERS, Layout, as_text, encode
 from polar.tokenizer import model_tokenizer, special_ids
 
 FIELDS = ("prompt", "reference", "output")
+MAX_BATCH_TOKENS = 16384     # rows x longest row per forward pass: one default-length sequence
 
 
 class BadInput(ValueError):
@@ -44,14 +52,17 @@ class RewardScorer:
     """A saved POLAR model directory (config.json + *.safetensors + tokenizer files)."""
 
     def __init__(self, model_dir: str | Path, device: str | None = None, batch_size: int = 16,
-                 layout: Layout = SFT, dtype: str | None = None):
+                 layout: Layout = SFT, dtype: str | None = None, max_batch_tokens: int = MAX_BATCH_TOKENS):
         import torch
 
         from polar.model import load_model
 
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
+        if max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be > 0, got {max_batch_tokens}")
         self.model_dir, self.batch_size, self.layout = Path(model_dir), batch_size, layout
+        self.max_batch_tokens = max_batch_tokens
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(self.model_dir)       # clear errors: missing dir, no model, not POLAR
         self.tokenizer = model_tokenizer(self.model_dir)
@@ -80,26 +91,37 @@ class RewardScorer:
                                for it in items])
 
     def score_ids(self, seqs: Sequence[Sequence[int]]) -> list[float]:
-        """Scores of encoded sequences (each ending with END), batched by similar length."""
+        """Scores of encoded sequences (each ending with END), in their order; batched by
+        token budget (token_batches), right-padded, with no attention mask."""
         import torch
 
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = [0.0] * len(seqs)
-        for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            width = max(len(seqs[i]) for i in rows)
+        for rows in token_batches([len(s) for s in seqs], self.max_batch_tokens, self.batch_size):
+            width = len(seqs[rows[0]])                   # longest first
             ids = torch.full((len(rows), width), self.special["pad"], dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
             for r, i in enumerate(rows):
                 ids[r, : len(seqs[i])] = torch.as_tensor(seqs[i])
-                mask[r, : len(seqs[i])] = 1
-            index = mask.sum(1) - 1
-            with torch.no_grad():
-                values = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    score_index=index.to(self.device))
+            end = torch.tensor([len(seqs[i]) - 1 for i in rows])
+            with torch.no_grad():      # no attention_mask: causal SDPA; padding sits after each END
+                values = self.model(input_ids=ids.to(self.device), score_index=end.to(self.device))
             for r, i in enumerate(rows):
                 out[i] = float(values[r])
         return out
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Indices of `lengths` in batches, longest first, such that each batch's rows x its
+    longest row <= max_tokens and it has at most max_rows rows; a length over max_tokens
+    is a batch of its own. Sorting keeps padding small: a batch's rows are neighbours."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if current and len(current) < max_rows and (len(current) + 1) * lengths[current[0]] <= max_tokens:
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 # ---------------------------------------------------------------- JSONL input
@@ -200,7 +222,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-response-length", type=int, default=SFT.max_response_length)
     parser.add_argument("--truncation-side", default="right", choices=("right", "left"),
                         help="which end of a long reference/output is cut (right keeps the start)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="most sequences in one forward pass")
+    parser.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS,
+                        help="most tokens (rows x longest row) in one forward pass; a longer sequence runs alone")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -213,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         truncation_side=args.truncation_side, wrapper=args.wrapper)
         for _ in read_records(args.input):   # fail on bad input before loading the model
             pass
-        scorer = RewardScorer(args.model, device=args.device, batch_size=args.batch_size, layout=layout)
+        scorer = RewardScorer(args.model, device=args.device, batch_size=args.batch_size, layout=layout,
+                              max_batch_tokens=args.max_batch_tokens)
         n = score_file(scorer, args.input, args.output, chunk=max(64, 8 * args.batch_size),
                        progress=not args.quiet)
     except (BadInput, FileNotFoundError, ValueError) as err:

@@ -6,8 +6,10 @@ P is the prompt, R the reference, O the candidate output, END the token at which
 value head is read (`[UNUSED_TOKEN_130]`, the model config's reward_token_id). The
 "pretrain" wrapper drops both "\n": a trajectory is a plain continuation of its prefix.
 No EOS. Truncation: reference and output are each cut to max_response_length (keeping
-their start by default), and the prompt keeps its end with
-(max_length - |R| - |O|) // 2 tokens, since it appears twice.
+their start by default), and the prompt, which appears twice, gets the room
+(max_length - reserved - |R| - |O|) // 2: a prompt longer than the room keeps its last
+`room` tokens, one that fits is kept whole (`keep_prompt_end`, the reference client's
+`if len(p_ids) > max_prompt_length: p_ids = p_ids[-max_prompt_length:]`).
 
 Two levels live here:
 - the faithful string-level encoding (`encode`, `encode_pieces`, `render`): each piece is
@@ -75,9 +77,18 @@ def truncate_pieces(prompt: list[int], reference: list[int], output: list[int],
     budget = layout.max_length - N_SPECIAL
     reference = _cut(reference, layout.max_response_length, layout.truncation_side)
     output = _cut(output, layout.max_response_length, layout.truncation_side)
-    prompt_room = max(0, (budget - len(reference) - len(output)) // 2)
-    prompt = prompt[len(prompt) - prompt_room:] if prompt_room else []
+    prompt = keep_prompt_end(prompt, (budget - len(reference) - len(output)) // 2)
     return prompt, reference, output
+
+
+def keep_prompt_end(prompt: list[int], room: int) -> list[int]:
+    """The reference client's prompt cut: a prompt longer than `room` keeps its last `room`
+    tokens, one that fits is kept whole. Where the room is 0 or negative the reference's
+    p_ids[-room:] keeps the whole prompt (room 0) or drops its first -room tokens; both
+    overflow max_length, and an empty prompt is what it means: we return []."""
+    if room <= 0:
+        return []
+    return prompt[len(prompt) - room:] if len(prompt) > room else prompt
 
 
 def _cut(ids: list[int], n: int, side: str) -> list[int]:
@@ -135,9 +146,7 @@ def truncate_text(tokenizer, prompt: Any, reference: Any, outputs: Sequence[Any]
                  layout.max_response_length, layout.truncation_side) for i, o in enumerate(outputs)]
     budget = layout.max_length - N_RESERVED_TEXT
     room = min((budget - len(r) - len(o)) // 2 for o in outs) if outs else (budget - len(r)) // 2
-    # The reference writes p_ids[-max_prompt_length:], which keeps the whole prompt when
-    # the room is 0 (and a wrong slice when negative); an empty prompt is what it means.
-    p = p[len(p) - room:] if room > 0 else []
+    p = keep_prompt_end(p, room)
     return _decode(tokenizer, p), _decode(tokenizer, r), [_decode(tokenizer, o) for o in outs]
 
 

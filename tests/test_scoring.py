@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from polar.config import ModelConfig
-from polar.score import RewardScorer, main
+from polar.score import RewardScorer, main, token_batches
 from polar.template import PRETRAIN, encode
 from polar.tokenizer import special_ids
 from tests.fixtures import ROOT, save_model, seeded_model, write_jsonl
@@ -33,6 +33,69 @@ def test_batched_scores_equal_one_by_one(model_dir):
     batched = many.score(PROMPT, "sorted(xs)", OUTPUTS)
     assert len(batched) == len(OUTPUTS) and len(set(batched)) == len(OUTPUTS)
     assert batched == pytest.approx(single, abs=1e-5)
+
+
+def test_token_batches_respect_the_budget_and_put_a_long_line_alone():
+    lengths = [5, 40, 3, 12, 12, 7, 30, 2, 9]
+    batches = token_batches(lengths, max_tokens=36, max_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))       # each once
+    assert batches[0] == [1]                                                        # 40 > 36: alone
+    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)
+    for b in batches:
+        assert lengths[b[0]] == max(lengths[i] for i in b)                         # longest first
+        assert len(b) == 1 or len(b) * lengths[b[0]] <= 36
+        assert len(b) <= 3
+    assert batches == [[1], [6], [3, 4, 8], [5, 0, 2], [7]]
+    assert token_batches([], 10, 4) == []
+
+
+LONG = "def f(xs):\n    return sorted(xs, key=len)\n" * 12
+
+
+def mixed_items():
+    """Lines of very different lengths: one long, some medium, many short, in mixed order."""
+    outputs = ["x", LONG, "sorted(xs)", "", OUTPUTS[3], "xs.sort()", LONG[:200], "y = 1", OUTPUTS[2], "z"]
+    return [{"prompt": PROMPT if i % 3 else "Sort.", "reference": "sorted(xs)", "output": o}
+            for i, o in enumerate(outputs)]
+
+
+def test_token_budget_batches_score_as_one_by_one(model_dir):
+    """Mixed lengths, several padded rows per batch and a long line alone: the scores are
+    those of each line scored alone; no batch exceeds the budget and none carries a mask."""
+    one = RewardScorer(model_dir, device="cpu", batch_size=1)
+    budget = 300
+    many = RewardScorer(model_dir, device="cpu", batch_size=16, max_batch_tokens=budget)
+    items = mixed_items()
+    lengths = [len(many.encode(it["prompt"], it["reference"], it["output"])) for it in items]
+    assert max(lengths) > budget and min(lengths) * 4 < max(lengths)
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((tuple(kwargs["input_ids"].shape), kwargs.get("attention_mask")))
+
+    def record_attention(module, args, kwargs):
+        calls.append(("attention", kwargs.get("attention_mask")))
+
+    hooks = [many.model.register_forward_pre_hook(record, with_kwargs=True),
+             many.model.base_model.layers[0].self_attn.register_forward_pre_hook(record_attention, with_kwargs=True)]
+    try:
+        batched = many.score_many(items)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    alone = one.score_many(items)
+    assert batched == pytest.approx(alone, abs=1e-4) and len(set(batched)) == len(items)
+    shapes = [c[0] for c in calls if c[0] != "attention"]
+    assert sum(rows for rows, _ in shapes) == len(items)
+    assert (1, max(lengths)) in shapes                                     # the long line alone
+    assert any(rows > 1 for rows, _ in shapes)                             # padded batches were run
+    assert all(rows == 1 or rows * width <= budget for rows, width in shapes)
+    assert all(mask is None for _, mask in calls)                          # no mask, not even in attention
+
+
+def test_max_batch_tokens_must_be_positive(model_dir):
+    with pytest.raises(ValueError, match="max_batch_tokens must be > 0, got 0"):
+        RewardScorer(model_dir, device="cpu", max_batch_tokens=0)
 
 
 def test_score_is_the_value_at_the_end_token(model_dir, tokenizer):
@@ -77,7 +140,8 @@ GOOD = [{"prompt": PROMPT, "reference": [{"role": "assistant", "content": "sorte
 def test_cli_writes_each_line_back_with_its_score(tmp_path, model_dir):
     src = write_jsonl(tmp_path / "in.jsonl", GOOD[:3] + [""] + GOOD[3:])    # a blank line is skipped
     out = tmp_path / "out" / "scored.jsonl"
-    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(out), "--batch-size", "2"]) == 0
+    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(out), "--batch-size", "2",
+                 "--max-batch-tokens", "64"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == list(range(len(OUTPUTS)))
     expected = RewardScorer(model_dir, device="cpu").score(PROMPT, "sorted(xs)", OUTPUTS)

@@ -11,6 +11,7 @@ from polar.template import (
     as_text,
     encode,
     encode_pieces,
+    keep_prompt_end,
     layout_ids,
     render,
     truncate_pieces,
@@ -143,3 +144,87 @@ def test_encode_pieces_share_the_prompt_and_rebuild_each_sequence(tokenizer):
         assert len(p) >= 3 and len(outs) == 3
         for o, ids in zip(outputs, outs):
             assert layout_ids(p, r, ids, special) == encode(tokenizer, prompt, reference, o, layout)
+
+
+# ---------------------------------------------------------------- the prompt's room, at every boundary
+# An independent copy of the reference client's truncation (InternLM/POLAR src/polar/reward_func.py,
+# POLARClient._encode; xtuner's RewardModelClient._encode is the same), on token ids: `reserved`
+# is what it takes off max_length first (4 in the client; the token-level helper reserves 3).
+
+
+def reference_client_cut(p_ids, r1_ids, r2_ids, max_length, max_response_length, side="right", reserved=4):
+    max_length = max_length - reserved
+    if len(r1_ids) > max_response_length:
+        r1_ids = r1_ids[:max_response_length] if side == "right" else r1_ids[-max_response_length:]
+    if len(r2_ids) > max_response_length:
+        r2_ids = r2_ids[:max_response_length] if side == "right" else r2_ids[-max_response_length:]
+    max_prompt_length = (max_length - len(r1_ids) - len(r2_ids)) // 2
+    if len(p_ids) > max_prompt_length:
+        p_ids = p_ids[-max_prompt_length:]
+    return p_ids, r1_ids, r2_ids
+
+
+def rooms(n_prompt: int) -> list[int]:
+    """room = |P|-1, |P|, |P|+1, 1.5|P|, 2|P|-1, 2|P|"""
+    return [n_prompt - 1, n_prompt, n_prompt + 1, (3 * n_prompt) // 2, 2 * n_prompt - 1, 2 * n_prompt]
+
+
+BOUNDARIES = [(n, room, odd) for n in (7, 10) for room in rooms(n) for odd in (0, 1)]
+
+
+@pytest.mark.parametrize("n_prompt, room, odd", BOUNDARIES)
+def test_token_level_prompt_room_matches_the_reference_client(n_prompt, room, odd):
+    prompt, reference, output = list(range(100, 100 + n_prompt)), [20, 21, 22, 23], [30, 31, 32, 33, 34]
+    # max_response_length 3: R and O are cut first; an odd spare token does not change the room
+    layout = Layout(max_length=3 + 3 + 3 + 2 * room + odd, max_response_length=3)
+    got = truncate_pieces(prompt, reference, output, layout)
+    assert got == reference_client_cut(prompt, reference, output, layout.max_length, 3, reserved=3)
+    p = got[0]
+    assert p == (prompt if room >= n_prompt else prompt[n_prompt - room:])   # whole, or its last `room`
+    assert len(layout_ids(*got, SPECIAL)) <= layout.max_length
+
+
+@pytest.mark.parametrize("n_prompt, room, odd", BOUNDARIES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_string_level_prompt_room_matches_the_reference_client(n_prompt, room, odd, side):
+    tok = CharTokenizer()
+    prompt = "".join(chr(ord("A") + i) for i in range(n_prompt))
+    layout = Layout(max_length=4 + 2 + 3 + 2 * room + odd, max_response_length=3, truncation_side=side)
+    p, r, (o,) = truncate_text(tok, prompt, "ab", ["wxyz"], layout)
+    ids = reference_client_cut(tok.encode(prompt), tok.encode("ab"), tok.encode("wxyz"), layout.max_length, 3, side)
+    assert (p, r, o) == tuple(tok.decode(i) for i in ids)
+    assert p == (prompt if room >= n_prompt else prompt[n_prompt - room:])
+
+
+def reference_client_text(tokenizer, prompt, reference, output, max_length, max_response_length):
+    """The string the reference client sends for wrapper "sft" (non-empty pieces)."""
+    p, r1, r2 = reference_client_cut(*(tokenizer.encode(t, add_special_tokens=True) for t in (prompt, reference, output)),
+                                     max_length, max_response_length)
+    p, r1, r2 = (tokenizer.decode(i, skip_special_tokens=True) for i in (p, r1, r2))
+    return p + "\n" + r1 + "<|reward|>" + p + "\n" + r2 + "[UNUSED_TOKEN_130]"
+
+
+def test_rendered_string_matches_the_reference_client_at_every_room(tokenizer):
+    """With the real BPE tokenizer, at each boundary of the prompt's room, render() is the
+    client's string and encode() its tokenization; a prompt that fits is never cut."""
+    prompt = "def parse(text):\n    return [line.split() for line in text.splitlines()]"
+    reference, output = "return list(map(str.split, text.splitlines()))", "import re\nreturn re.split(r'\\s+', text)"
+    n_p, n_r, n_o = (len(tokenizer.encode(t, add_special_tokens=True)) for t in (prompt, reference, output))
+    assert n_p >= 10
+    cut = 0
+    for room in rooms(n_p):
+        layout = Layout(max_length=4 + n_r + n_o + 2 * room, max_response_length=64, wrapper="sft")
+        text = render(tokenizer, prompt, reference, output, layout)
+        assert text == reference_client_text(tokenizer, prompt, reference, output, layout.max_length, 64)
+        assert (text.startswith(prompt + "\n")) == (room >= n_p), room      # the whole prompt iff it fits
+        cut += not text.startswith(prompt)
+        assert encode(tokenizer, prompt, reference, output, layout) == [tokenizer.bos_token_id] + tokenizer.encode(
+            text, add_special_tokens=False)
+    assert cut == 1     # only room = |P| - 1 cuts
+
+
+def test_keep_prompt_end_without_room_drops_the_prompt():
+    # the reference's p_ids[-0:] would keep the whole prompt (and a negative room would drop
+    # its start): both overflow max_length; an empty prompt is what no room means
+    assert keep_prompt_end([1, 2, 3], 0) == [] and keep_prompt_end([1, 2, 3], -2) == []
+    assert keep_prompt_end([1, 2, 3], 2) == [2, 3] and keep_prompt_end([1, 2, 3], 5) == [1, 2, 3]
