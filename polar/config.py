@@ -8,6 +8,7 @@ Hydra, so the same objects serve the CLI, the tests and the library.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -23,7 +24,11 @@ def _one_of(owner: str, name: str, value: str, valid: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelConfig:
-    """Shape of a Llama-architecture backbone (InternLM2.5 is Llama-shaped)."""
+    """A backbone: the shape of a randomly initialised Llama-architecture model, or a
+    pre-trained checkpoint (`init_from`, a local Hugging Face causal-LM folder; InternLM2.5
+    is Llama-shaped once converted). A preset that names a checkpoint keeps its shape,
+    which is checked against the checkpoint's before anything starts; with
+    shape_from_checkpoint (model=pretrained) the shape is the checkpoint's own."""
 
     name: str = "1m"
     hidden_size: int = 128
@@ -34,8 +39,18 @@ class ModelConfig:
     vocab_size: int = 1024
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    init_from: Optional[str] = None           # a local causal-LM folder: the backbone's pre-trained weights
+    backbone_tokens: Optional[float] = None   # Dp: the tokens the backbone was pre-trained on
+    shape_from_checkpoint: bool = False       # the shape fields above are read from init_from/config.json
+    paper_tokens: Optional[float] = None      # the reward-model tokens POLAR trained this preset on
 
     def __post_init__(self) -> None:
+        for key in ("backbone_tokens", "paper_tokens"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"model.{key} must be > 0 (or null), got {getattr(self, key)}")
+        if self.shape_from_checkpoint and not self.init_from:
+            raise ValueError(f"model={self.name} reads its shape from a checkpoint: give model.init_from=DIR "
+                             "(a local Hugging Face causal-LM folder)")
         _positive("model", hidden_size=self.hidden_size, num_layers=self.num_layers,
                   num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                   intermediate_size=self.intermediate_size, vocab_size=self.vocab_size,

@@ -1,8 +1,9 @@
 """What one training run consumes: `RunInputs`, built by one function per stage.
 
-- `pretrain_inputs`: the tokenizer (a small BPE trained offline, or a tokenizer
-  directory), the synthesized data set (cached by content; its hash is the data_id), its
-  token triplets, and a randomly initialised model of the preset's shape.
+- `pretrain_inputs`: the tokenizer (a pre-trained backbone's own; else a small BPE trained
+  offline, or a tokenizer directory), the synthesized data set (cached by content; its
+  hash is the data_id), its token triplets, and the model: the backbone's weights with a
+  new value head, or a randomly initialised model of the preset's shape.
 - `finetune_inputs`: a saved POLAR model directory, its own tokenizer, and the
   reference implementation's preference JSONL as token triplets (data_id: a hash of the
   files' contents).
@@ -35,23 +36,26 @@ class RunInputs:
 
 # ---------------------------------------------------------------- pre-training
 
-def data_tokenizer(data: DataConfig, cache_dir: str | Path):
-    """(tokenizer, its identity for the data set's cache key) of a data config."""
-    from polar.tokenizer import cached_bpe, load_tokenizer
+def data_tokenizer(data: DataConfig, model: ModelConfig, cache_dir: str | Path):
+    """(tokenizer, its identity for the data set's cache key): a pre-trained backbone's own
+    (with POLAR's tokens), else the data config's (a small BPE, or a tokenizer folder)."""
+    from polar.tokenizer import backbone_tokenizer, cached_bpe, load_tokenizer
 
+    if model.init_from:
+        return backbone_tokenizer(model.init_from), f"backbone:{Path(model.init_from).resolve()}"
     if data.tokenizer == "bpe":
         return (cached_bpe(data.corpus, data.vocab_size, Path(cache_dir)),
                 f"bpe-{data.vocab_size}-{'-'.join(data.corpus)}")
     return load_tokenizer(data.tokenizer), str(Path(data.tokenizer).resolve())
 
 
-def synthesized_data(data: DataConfig, vocab_size: int, cache_dir: str | Path):
+def synthesized_data(data: DataConfig, model: ModelConfig, cache_dir: str | Path):
     """(tokenizer, data folder, manifest) of a data config, synthesized when not cached yet."""
     from polar.synthesis import config_key, synthesize
 
-    tok, tok_id = data_tokenizer(data, cache_dir)
-    if len(tok) > vocab_size:
-        raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={vocab_size}; "
+    tok, tok_id = data_tokenizer(data, model, cache_dir)
+    if not model.init_from and len(tok) > model.vocab_size:   # a backbone's embedding grows to its tokenizer
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={model.vocab_size}; "
                          "use a model preset with a vocabulary at least as large")
     data_dir = Path(cache_dir) / "data" / config_key(data, tok_id)
     return tok, data_dir, synthesize(data, tok, data_dir)   # reads the manifest when the data set exists
@@ -61,15 +65,18 @@ def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path,
     import torch
 
     from polar.data import tokenize_triplets
-    from polar.model import build_model
+    from polar.model import build_model, load_backbone
     from polar.synthesis import read_split
     from polar.tokenizer import special_ids
 
-    tok, data_dir, manifest = synthesized_data(data, model.vocab_size, cache_dir)
+    tok, data_dir, manifest = synthesized_data(data, model, cache_dir)
     special = special_ids(tok)
-    torch.manual_seed(seed)
-    net = build_model(model, bos_token_id=special["bos"], pad_token_id=special["pad"],
-                      reward_token_id=special["reward"], sep_token_id=special["sep"])
+    torch.manual_seed(seed)                       # the value head of a backbone too
+    if model.init_from:
+        net = load_backbone(model.init_from, special, vocab_size=len(tok))
+    else:
+        net = build_model(model, bos_token_id=special["bos"], pad_token_id=special["pad"],
+                          reward_token_id=special["reward"], sep_token_id=special["sep"])
     return RunInputs(net, tok, special, tokenize_triplets(read_split(data_dir, "train"), tok),
                      tokenize_triplets(read_split(data_dir, "val"), tok), manifest["data_id"])
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -139,6 +140,31 @@ def read_hf_config(path: str | Path, what: str) -> dict:
         raise ValueError(f"{what} {str(path)!r}: config.json is not valid JSON ({err})") from None
 
 
+def check_backbone(path: str | Path, preset: ModelConfig | None = None) -> None:
+    """Refuse, naming the folder and what would be valid, a model.init_from that is not a
+    local causal LM of a supported architecture with its tokenizer; with `preset`, one
+    whose shape differs from the preset's."""
+    path = Path(path)
+    config = read_hf_config(path, "model.init_from")
+    reward_model_class(config.get("model_type"))         # raises for an unsupported architecture
+    if not any(a.endswith("ForCausalLM") for a in config.get("architectures") or []):
+        raise ValueError(f"model.init_from {str(path)!r} is not a causal LM: its architectures are "
+                         f"{config.get('architectures')} (a backbone is a ...ForCausalLM checkpoint)")
+    if not _has_weights(path):
+        raise ValueError(f"model.init_from {str(path)!r} holds no weights (*.safetensors or *.bin); found "
+                         f"{sorted(p.name for p in path.iterdir())}")
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ValueError(f"model.init_from {str(path)!r} holds no tokenizer (tokenizer.json, tokenizer_config.json "
+                         "or tokenizer.model): a backbone trains with its own tokenizer")
+    if preset is not None:
+        saved, want = checkpoint_shape(path), hf_shape(preset)
+        differ = {k: (saved[k], v) for k, v in want.items() if saved[k] != v}
+        if differ:
+            raise ValueError(f"model.init_from {str(path)!r} does not have the shape of model={preset.name!r}: "
+                             + ", ".join(f"{k} {a} (checkpoint) != {b} (preset)" for k, (a, b) in differ.items())
+                             + "; use model=pretrained model.init_from=DIR to take the checkpoint's own shape")
+
+
 def _has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
@@ -202,3 +228,52 @@ def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
     matmul = cfg.num_layers * (d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2
                                + 3 * d * cfg.intermediate_size) + d
     return 6.0 * matmul + 12.0 * cfg.num_layers * d * seq_len
+
+
+@dataclass(frozen=True)
+class ShapeCounts:
+    """What planning needs of a model's shape: parameter counts and the FLOPs convention's
+    inputs (matmul_params: the parameters a token meets in matrix multiplies, the 6N)."""
+
+    n_params: int
+    n_params_nonembed: int
+    matmul_params: int
+    num_layers: int
+    hidden_size: int
+
+    def flops_per_token(self, seq_len: float) -> float:
+        """As flops_per_token: 6 x matmul parameters + 12 x layers x hidden x seq_len."""
+        return 6.0 * self.matmul_params + 12.0 * self.num_layers * self.hidden_size * seq_len
+
+
+def preset_counts(cfg: ModelConfig) -> ShapeCounts:
+    """The counts of a Llama-shaped preset, from its shape alone."""
+    matmul = round(flops_per_token(cfg, 0.0) / 6)
+    return ShapeCounts(n_params(cfg), n_params_nonembed(cfg), matmul, cfg.num_layers, cfg.hidden_size)
+
+
+def checkpoint_counts(path: str | Path, vocab_size: int = 0) -> ShapeCounts:
+    """The counts of a checkpoint's reward model (its backbone and a value head), from the
+    real module built on the meta device: any supported architecture's biases, MLP and
+    norms are counted as they are; no weights are read. vocab_size: the tokenizer's length
+    with POLAR's tokens, where it outgrows the embedding (load_backbone resizes it)."""
+    import transformers
+
+    config = read_hf_config(path, "model.init_from")
+    config["vocab_size"] = max(config.get("vocab_size", 0), vocab_size)
+    cls = reward_model_class(config.get("model_type"))
+    hf = transformers.AutoConfig.for_model(**{**config, "num_labels": 1})
+    with torch.device("meta"):
+        model = cls(hf)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return ShapeCounts(total, total - embed, matmul, hf.num_hidden_layers, hf.hidden_size)
+
+
+def checkpoint_shape(path: str | Path) -> dict[str, int]:
+    """A checkpoint's shape under HF_SHAPE_KEYS (GPT-NeoX has no separate KV heads: its
+    num_key_value_heads is its num_attention_heads)."""
+    config = read_hf_config(path, "model.init_from")
+    config.setdefault("num_key_value_heads", config.get("num_attention_heads"))
+    return {k: config.get(k) for k in HF_SHAPE_KEYS}

@@ -62,6 +62,34 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def backbone_tokenizer(path: str | Path):
+    """A pre-trained backbone's own tokenizer with POLAR's tokens: `<|reward|>` and
+    `[UNUSED_TOKEN_130]` are the tokenizer's own where it has them (InternLM2: ids 92397
+    and 92527), otherwise added as special tokens (the model's embedding grows to match,
+    polar.model.load_backbone); a tokenizer without padding pads with its EOS (never read:
+    the score is taken at END, before any padding)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model.init_from {str(path)!r} is not a directory (a local Hugging Face model "
+                                "folder with its tokenizer; hub ids are not fetched)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.init_from {str(path)!r} holds no tokenizer transformers can load without "
+                         f"remote code ({type(err).__name__}: {str(err)[:200]})") from None
+    missing = [t for t in (SEP_TOKEN, REWARD_TOKEN) if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens(missing, special_tokens=True)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        else:
+            tok.pad_token = tok.eos_token
+    return tok
+
+
 def model_tokenizer(model_dir: str | Path):
     """The tokenizer saved beside a model, with a clear error when there is none."""
     model_dir = Path(model_dir)
@@ -79,7 +107,7 @@ def special_ids(tok) -> dict[str, int]:
         raise ValueError(f"tokenizer lacks POLAR's special token(s) {missing}: the candidate half is "
                          f"separated by {SEP_TOKEN!r} and scored at {REWARD_TOKEN!r}; add them or "
                          "use data.tokenizer=bpe")
-    bos = tok.bos_token_id if tok.bos_token_id is not None else vocab.get(BOS_TOKEN)
+    bos = next((i for i in (tok.bos_token_id, vocab.get(BOS_TOKEN), tok.eos_token_id) if i is not None), None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     return {"bos": bos, "sep": vocab[SEP_TOKEN], "reward": vocab[REWARD_TOKEN], "pad": pad}
 

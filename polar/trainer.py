@@ -283,4 +283,4 @@ def _shape(model) -> list[int]:
     from polar.model import HF_SHAPE_KEYS
 
     c = unwrap(model).config
-    return [getattr(c, k) for k in HF_SHAPE_KEYS]
+    return [getattr(c, k, None) for k in HF_SHAPE_KEYS]   # GPT-NeoX has no num_key_value_heads

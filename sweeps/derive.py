@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from polar.config import DataConfig, ModelConfig, TrainSettings
-from polar.model import flops_per_token, n_params, n_params_nonembed
+from polar.model import ShapeCounts, preset_counts
 from sweeps.recipes import FixedRecipe, Recipe
 from sweeps.schema import ResourcesConfig
 
@@ -59,20 +59,22 @@ def sequence_lengths(data: DataConfig, packing: bool = False) -> tuple[float, fl
 def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens: float | None,
              flops: float | None, recipe: Optional[Recipe] = None,
              resources: ResourcesConfig = ResourcesConfig(),
-             lengths: tuple[float, float] | None = None) -> Plan:
+             lengths: tuple[float, float] | None = None, counts: ShapeCounts | None = None) -> Plan:
     """The plan of one run. Exactly one of tokens / flops is given; recipe: how batch and
     LR follow from the size and the tokens (None: FixedRecipe's defaults). lengths: (mean
     sequence length, tokens per triplet) measured on real data (fine-tuning), instead of
-    the synthesis config's (sequence_lengths)."""
+    the synthesis config's (sequence_lengths). counts: a checkpoint's real parameter counts
+    (polar.model.checkpoint_counts), instead of the preset's (preset_counts)."""
     if (tokens is None) == (flops is None):
         raise ValueError("give exactly one budget: budget.tokens=... or budget.flops=... "
                          f"(got tokens={tokens}, flops={flops})")
     recipe = recipe if recipe is not None else FixedRecipe()
     seq, per_triplet = lengths or sequence_lengths(data, train.packing)
-    fpt = flops_per_token(model, seq)
+    counts = counts or preset_counts(model)
+    fpt = counts.flops_per_token(seq)
     tokens = tokens if tokens is not None else flops / fpt
-    n = n_params(model)
-    batch, lr = recipe.batch_and_lr(n, model.hidden_size, tokens)
+    n = counts.n_params
+    batch, lr = recipe.batch_and_lr(n, counts.hidden_size, tokens)
     if train.device == "cpu":
         gpus, nodes, mem, minutes, gpu_hours = 0, 1, round(cpu_state_gb(n), 1), cpu_minutes(tokens * fpt, resources), 0.0
     else:
@@ -84,7 +86,7 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens:
                          f"{tokens:.3g} tokens < one batch of {batch} triplets x {per_triplet:.0f} "
                          f"tokens = {batch * per_triplet:.3g}; raise the budget or lower recipe.batch_size")
     parallel = train.parallel if train.parallel != "auto" else ("fsdp" if gpus > 1 else "ddp")
-    return Plan(model.name, n, n_params_nonembed(model), fpt, seq, per_triplet, tokens, tokens * fpt,
+    return Plan(model.name, n, counts.n_params_nonembed, fpt, seq, per_triplet, tokens, tokens * fpt,
                 batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours, parallel)
 
 

@@ -15,6 +15,7 @@ import signal
 from dataclasses import asdict
 from pathlib import Path
 
+from polar.model import ShapeCounts
 from polar.names import RunParams
 from sweeps.derive import Plan, local_refusal, plan_run
 from sweeps.runs import JobRun, git_sha, sweep_id
@@ -25,22 +26,34 @@ WAIT_FOR_REQUEUE_S = 600                    # how long ranks > 0 wait for rank 0
 PROGRESS_LINE_ENV = "POLAR_PROGRESS_LINE"   # the terminal line of this job's progress bar (parallel jobs)
 
 
-def plan_of(job: JobConfig, measured: Measured | None = None) -> Plan:
+def plan_of(job: JobConfig, measured: Measured | None = None, counts: ShapeCounts | None = None) -> Plan:
     """The job's plan (pure). `measured`: the real data's lengths, for stages that have
-    them (fine-tuning; see plan_job); without a budget, such a job trains one epoch."""
+    them (fine-tuning; see plan_job); without a budget, such a job trains one epoch, and a
+    preset with POLAR's own budget (model.paper_tokens) trains that. `counts`: a
+    checkpoint's real parameter counts (a pre-trained backbone)."""
     tokens, flops, lengths = job.budget.tokens, job.budget.flops, None
     if measured is not None:
         lengths = (measured.seq_len, measured.tokens_per_triplet)
         if tokens is None and flops is None:
             tokens = measured.n_triplets * measured.tokens_per_triplet
-    return plan_run(job.model, job.data, job.train, tokens, flops, job.recipe, job.resources, lengths=lengths)
+    if tokens is None and flops is None:
+        tokens = job.model.paper_tokens
+    return plan_run(job.model, job.data, job.train, tokens, flops, job.recipe, job.resources, lengths=lengths,
+                    counts=counts)
 
 
-def plan_job(job: JobConfig) -> Plan:
-    """Check the stage's inputs, measure what the plan needs from them, and plan."""
+def plan_job(job: JobConfig, dry: bool = False) -> Plan:
+    """Check the stage's inputs, measure what the plan needs from them, and plan. Inputs
+    that are not on disk refuse the job, except in a dry run (`dry`), which plans from the
+    configuration alone (the preset's shape, the budget)."""
     stage = stage_of(job)
+    missing = stage.missing(job)
+    if missing and not dry:
+        raise ValueError("; ".join(missing) + " (the dry run, hydra/launcher=dryrun, plans without it)")
+    if missing:
+        return plan_of(job)
     stage.check(job)
-    return plan_of(job, stage.measure(job))
+    return plan_of(job, stage.measure(job), stage.counts(job))
 
 
 def run_key(job: JobConfig) -> str:
@@ -66,7 +79,7 @@ def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> RunParams:
                      batch_size=plan.batch_size, seq_len=plan.seq_len, seed=job.seed, steps=plan.steps,
                      data_id=data_id, run_key=key, sweep_id=sweep_id(),
                      git_sha=git_sha(), stage=job.stage, init_from=stage_of(job).init_from(job),
-                     backbone_tokens=getattr(job.recipe, "backbone_tokens", None))
+                     backbone_tokens=job.model.backbone_tokens or getattr(job.recipe, "backbone_tokens", None))
 
 
 def run_job(job: JobConfig, job_index: str = "") -> dict:
@@ -272,7 +285,7 @@ def prepare_shared_data(jobs: list[JobConfig]) -> None:
     for job in jobs:
         if job.stage != "pretrain":
             continue
-        key = (json.dumps(asdict(job.data), sort_keys=True, default=str), job.paths.cache_dir)
+        key = (json.dumps(asdict(job.data), sort_keys=True, default=str), job.model.init_from, job.paths.cache_dir)
         if key not in seen:
             seen.add(key)
-            synthesized_data(job.data, job.model.vocab_size, job.paths.cache_dir)
+            synthesized_data(job.data, job.model, job.paths.cache_dir)

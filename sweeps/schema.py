@@ -67,6 +67,7 @@ class TrackingConfig:
 class PathsConfig:
     cache_dir: str = ".cache/polar"  # tokenizers and synthesized data, shared by runs
     runs_dir: str = "outputs/runs"   # one folder per run key: checkpoint, metrics.jsonl, model
+    models_dir: str = "models"       # where presets find their backbones (conf/model/1.8b.yaml ...)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from polar.inputs import RunInputs
+from polar.model import ShapeCounts
 from sweeps import schema
 from sweeps.schema import JobConfig
 
@@ -38,8 +39,17 @@ class Stage:
 
     name, suffix = "", ""          # `stage=NAME`; what the run name carries
 
+    def missing(self, job: JobConfig) -> list[str]:
+        """Inputs on disk the job names that are not there (a dry run lists them; every
+        other launcher refuses the job)."""
+        return []
+
     def check(self, job: JobConfig) -> None:
         """Refuse the job before anything starts (bad inputs on disk)."""
+
+    def counts(self, job: JobConfig) -> ShapeCounts | None:
+        """The real model's parameter counts, where its shape comes from a checkpoint."""
+        return None
 
     def key_extras(self, job: JobConfig) -> dict:
         """What the run key hashes beyond the job config (e.g. input files' contents)."""
@@ -60,6 +70,29 @@ class Stage:
 class Pretrain(Stage):
     name = "pretrain"
 
+    def missing(self, job: JobConfig) -> list[str]:
+        path = job.model.init_from
+        return [f"model.init_from={path} (model={job.model.name}'s backbone) is not on disk: put the checkpoint "
+                "there, or point paths.models_dir ($POLAR_MODELS_DIR) or model.init_from at it"] \
+            if path and not Path(path).exists() else []
+
+    def check(self, job: JobConfig) -> None:
+        from polar.model import check_backbone
+
+        if job.model.init_from:
+            check_backbone(job.model.init_from, None if job.model.shape_from_checkpoint else job.model)
+
+    def counts(self, job: JobConfig) -> ShapeCounts | None:
+        from polar.model import checkpoint_counts
+        from polar.tokenizer import backbone_tokenizer
+
+        if not job.model.init_from:
+            return None
+        return checkpoint_counts(job.model.init_from, len(backbone_tokenizer(job.model.init_from)))
+
+    def init_from(self, job: JobConfig) -> str | None:
+        return str(Path(job.model.init_from).resolve()) if job.model.init_from else None
+
     def inputs(self, job: JobConfig) -> RunInputs:
         from polar.inputs import pretrain_inputs
 
@@ -68,6 +101,12 @@ class Pretrain(Stage):
 
 class Finetune(Stage):
     name, suffix = "finetune", "-ft"
+
+    def missing(self, job: JobConfig) -> list[str]:
+        ft = job.finetune
+        return [f"finetune.{k}={v} is not on disk" for k, v in
+                (("init_from", ft.init_from), ("train_path", ft.train_path), ("val_path", ft.val_path))
+                if v is not None and not Path(v).exists()]
 
     def check(self, job: JobConfig) -> None:
         check_init_from(job)

@@ -94,31 +94,42 @@ def check_every_job(job_overrides: Sequence[Sequence[str]], build: Callable[[int
 
 
 def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[str]], JobConfig],
-               initial_idx: int = 0, refuse_local: bool = False, gpu_here: bool = False) -> list[PlannedJob]:
+               initial_idx: int = 0, refuse_local: bool = False, gpu_here: bool = False,
+               dry: bool = False) -> list[PlannedJob]:
     """Compose and plan every job; raise one SweepError that lists every bad job.
 
     compose(overrides) -> JobConfig (the launcher's Hydra composition plus
     sweeps.schema.to_job_config). refuse_local: the jobs run on this machine (the local
     launcher), so derive.local_refusal applies to each job that trains on its CPU: every
-    job without a GPU here (gpu_here=False), else those with train.device=cpu.
+    job without a GPU here (gpu_here=False), else those with train.device=cpu. dry: a dry
+    run, which also plans jobs whose inputs (a backbone checkpoint, ...) are not on disk.
     """
     from sweeps.derive import local_refusal
 
     def build(idx: int, overrides: tuple[str, ...]) -> PlannedJob:
         job = compose(list(overrides))
         plan = _plan(job)
-        on_cpu = plan.on_cpu or not gpu_here
-        if refuse_local and on_cpu and (reason := local_refusal(plan, job.resources)):
-            raise SweepError(reason)
+        reasons = [] if dry else _missing(job)
+        if refuse_local and (plan.on_cpu or not gpu_here) and (refusal := local_refusal(plan, job.resources)):
+            reasons.append(refusal)
+        if reasons:
+            raise SweepError("; ".join(reasons))
         return PlannedJob(idx, overrides, job, plan)
 
     return check_every_job(job_overrides, build, initial_idx)
 
 
 def _plan(job: JobConfig) -> Plan:
+    """The job's plan; from its configuration alone where its inputs are not on disk yet."""
     from sweeps.jobs import plan_job
 
-    return plan_job(job)
+    return plan_job(job, dry=True)
+
+
+def _missing(job: JobConfig) -> list[str]:
+    from sweeps.stages import stage_of
+
+    return stage_of(job).missing(job)
 
 
 def _message(err: BaseException) -> str:

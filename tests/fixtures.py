@@ -17,16 +17,18 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from polar.config import DataConfig, ModelConfig, PolicySpec, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_preset(name: str) -> ModelConfig:
-    """conf/model/<name>.yaml as a ModelConfig."""
-    return ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+    """conf/model/<name>.yaml as a ModelConfig (its defaults list, which picks the recipe
+    and train settings POLAR's presets go with, left aside)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))   # Hydra's YAML rules
+    return ModelConfig(**{k: v for k, v in values.items() if k != "defaults"})
 
 
 DEBUG_MODEL = model_preset("debug")
@@ -178,4 +180,25 @@ def tiny_causal_lm(arch: str, path: Path, vocab_size: int = 64, seed: int = 0) -
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(configs[arch]())
     model.save_pretrained(path)
+    return path
+
+
+def tiny_backbone(arch: str, path: Path, seed: int = 0) -> Path:
+    """A tiny pre-trained-looking backbone folder: a random causal LM of `arch` and its own
+    byte-level BPE tokenizer (trained here on stdlib text; no POLAR tokens, as a real
+    backbone's tokenizer has none), the embedding exactly the tokenizer's size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from polar.corpus import load_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([load_text("stdlib")[:200_000]],
+                            trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tiny_causal_lm(arch, path, vocab_size=len(tok), seed=seed)
+    tok.save_pretrained(path)
     return path

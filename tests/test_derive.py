@@ -1,24 +1,21 @@
 """sweeps/derive.py: pure planning of a run from preset + budget + recipe."""
 
-from pathlib import Path
 
 import pytest
-import yaml
 
 from polar.config import DataConfig, ModelConfig, TrainSettings
 from polar.model import flops_per_token, n_params
 from sweeps.derive import cpu_memory_gb, cpu_minutes, local_refusal, plan_run, sequence_lengths
 from sweeps.recipes import FixedRecipe, PolarLawRecipe
 from sweeps.schema import ResourcesConfig
+from tests.fixtures import model_preset
 
 M = ModelConfig(name="1m")
 D = DataConfig(prefix_min=4, prefix_max=12, response_len=16)
 T = TrainSettings()
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
-def preset(name: str) -> ModelConfig:
-    return ModelConfig(**yaml.safe_load((PRESETS / f"{name}.yaml").read_text()))
+preset = model_preset
 
 
 def test_tokens_and_flops_budgets_agree():

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from polar.config import ModelConfig
 from polar.model import build_model, flops_per_token, load_model, n_params, n_params_nonembed
+from tests.fixtures import model_preset
 
 SHAPES = [ModelConfig(name="a", hidden_size=48, num_layers=2, num_heads=1, num_kv_heads=1, intermediate_size=128),
           ModelConfig(name="gqa", hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -41,9 +41,13 @@ NAMED_FOR_USE = {"debug": 1e5}     # the tests' fixture: small, so that the test
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
 def test_preset_has_the_size_its_name_says(path):
     """conf/model/<size>.yaml: the name is the parameter count (embeddings included) within
-    25%; a preset named for its use (NAMED_FOR_USE) stays under its bound."""
-    cfg = ModelConfig(**yaml.safe_load(path.read_text()))
+    25%; a preset named for its use (NAMED_FOR_USE) stays under its bound; one whose shape
+    is a checkpoint's (model=pretrained) has no size of its own and demands the checkpoint."""
+    cfg = model_preset(path.stem)
     assert cfg.name == path.stem
+    if cfg.shape_from_checkpoint:
+        assert cfg.init_from == "???"            # Hydra's mandatory value: model.init_from=DIR
+        return
     if cfg.name in NAMED_FOR_USE:
         assert n_params(cfg) <= NAMED_FOR_USE[cfg.name], (cfg.name, n_params(cfg))
         return

@@ -40,7 +40,7 @@ def is_polar_sweep(config: DictConfig) -> bool:
 
 
 def plan_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
-              initial_job_idx: int, refuse_local: bool = False, gpu_here: bool = False):
+              initial_job_idx: int, refuse_local: bool = False, gpu_here: bool = False, dry: bool = False):
     """sweeps.sweep_plan.plan_sweep with Hydra's composition; a SweepError also fails the
     MLflow parent run."""
     from hydra.core.utils import setup_globals
@@ -51,7 +51,7 @@ def plan_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Se
     setup_globals()
     try:
         return plan_sweep(job_overrides, compose_with_hydra(hydra_context, config), initial_job_idx,
-                          refuse_local=refuse_local, gpu_here=gpu_here)
+                          refuse_local=refuse_local, gpu_here=gpu_here, dry=dry)
     except SweepError as err:
         terminate_parent_run(str(err), tracking_uri(config))
         raise

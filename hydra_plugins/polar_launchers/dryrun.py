@@ -33,7 +33,7 @@ class DryRunLauncher(PlanningLauncher):
             print_flush(f"Dry run: {len(jobs)} job{'s' * (len(jobs) != 1)} composed (not a POLAR sweep, so no "
                         "plan), nothing started:\n" + "\n".join(f"  #{j.idx} {' '.join(j.overrides)}" for j in jobs))
         else:
-            jobs = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
+            jobs = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, dry=True)
             print_flush(f"Dry run: {len(jobs)} job{'s' * (len(jobs) != 1)} planned, nothing started.\n")
             print_flush(job_table(jobs))
             print_flush(self.notes(jobs))
@@ -42,6 +42,7 @@ class DryRunLauncher(PlanningLauncher):
 
     def notes(self, jobs) -> str:
         from sweeps.derive import local_refusal
+        from sweeps.stages import stage_of
         from sweeps.sweep_plan import group_by_shape, job_shape
 
         lines = [""]
@@ -51,6 +52,10 @@ class DryRunLauncher(PlanningLauncher):
                          f"{'s' * (len(groups) != 1)} (one per resource shape):")
             lines += [f"  {shape.describe()}: jobs {' '.join(f'#{j.idx}' for j in group)}"
                       for shape, group in groups.items()]
+        missing = [(j, m) for j in jobs for m in stage_of(j.job).missing(j.job)]
+        if missing:
+            lines.append("not on disk yet (every other launcher refuses these jobs until they are):")
+            lines += [f"  #{j.idx}: {m}" for j, m in missing]
         refused = [j for j in jobs if local_refusal(j.plan, j.job.resources)]
         if refused:
             lines.append(f"hydra/launcher=local would refuse {len(refused)} of them on a machine without a GPU: "
