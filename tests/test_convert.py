@@ -398,9 +398,9 @@ def _train_sentencepiece(tmp_path: Path) -> tuple[Path, object]:
     return path, spm.SentencePieceProcessor(model_file=str(path))
 
 
-def test_tokenizer_loads_without_remote_code_and_keeps_polar_tokens(tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
+def _official_polar(tmp_path: Path):
+    """A tiny official-format POLAR reward model with an InternLM2-style sentencepiece
+    tokenizer: (folder, sentencepiece model path, processor, (<|reward|>, END, im_start) ids)."""
     sp_path, sp = _train_sentencepiece(tmp_path)
     vocab = sp.get_piece_size()
     reward_sep, unused_130, im_start = (sp.piece_to_id(p) for p in
@@ -414,6 +414,13 @@ def test_tokenizer_loads_without_remote_code_and_keeps_polar_tokens(tmp_path):
         "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]},
         "added_tokens_decoder": {str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
                                           "single_word": False, "special": True} for i, c in renamed.items()}}))
+    return src, sp_path, sp, (reward_sep, unused_130, im_start)
+
+
+def test_tokenizer_loads_without_remote_code_and_keeps_polar_tokens(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    src, sp_path, sp, (reward_sep, unused_130, im_start) = _official_polar(tmp_path)
     done = to_standard(src, tmp_path / "ours")
     assert done.tokens == {"<|reward|>": reward_sep, "[UNUSED_TOKEN_130]": unused_130}
 
@@ -434,3 +441,31 @@ def test_tokenizer_loads_without_remote_code_and_keeps_polar_tokens(tmp_path):
     assert (tmp_path / "back" / "tokenizer.model").read_bytes() == sp_path.read_bytes()
     back_tcfg = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
     assert back_tcfg["tokenizer_class"] == "InternLM2Tokenizer"
+
+
+def test_a_converted_official_checkpoint_scores_and_fine_tunes_through_the_job(tmp_path):
+    """stage=finetune from a converted POLAR checkpoint, with the `model` preset of its shape:
+    RewardScorer loads it, and the job path fine-tunes it and saves a standard model."""
+    from polar.score import RewardScorer
+    from sweeps.jobs import run_job
+    from tests.fixtures import job_config, write_jsonl
+
+    src, _, sp, _ = _official_polar(tmp_path)
+    to_standard(src, tmp_path / "ours")
+    scorer = RewardScorer(tmp_path / "ours", device="cpu")
+    good, bad = scorer.score("the model compares", "two candidates", ["two candidates", "hello world"])
+    assert good != bad
+    records = [{"prompt": f"question {i}", "reference": f"answer {i}", "chosen": f"answer {i}",
+                "rejected": "hello world"} for i in range(24)]
+    shape = [f"model.hidden_size={HIDDEN}", f"model.num_layers={LAYERS}", f"model.num_heads={HEADS}",
+             f"model.num_kv_heads={KV_HEADS}", f"model.intermediate_size={FFN}",
+             f"model.vocab_size={sp.get_piece_size()}", "model.name=polar-tiny"]
+    job = job_config("stage=finetune", "tracking=off", "train.threads=1", "train.n_evals=1",
+                     "recipe.batch_size=8", f"finetune.init_from={tmp_path / 'ours'}",
+                     f"finetune.train_path={write_jsonl(tmp_path / 'prefs.jsonl', records)}",
+                     f"paths.runs_dir={tmp_path / 'runs'}", *shape)
+    result = run_job(job)
+    assert not result["skipped"] and result["val_loss"] > 0
+    tuned = tmp_path / "runs" / result["run_key"] / "model"
+    assert json.loads((tuned / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    assert len(RewardScorer(tuned, device="cpu").score("question 1", "answer 1", ["answer 1"])) == 1
