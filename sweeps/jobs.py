@@ -38,6 +38,10 @@ def plan_of(job: JobConfig, measured: Measured | None = None, counts: ShapeCount
             tokens = measured.n_triplets * measured.tokens_per_triplet
     if tokens is None and flops is None:
         tokens = job.model.paper_tokens
+    if job.recipe.needs_backbone and not job.model.init_from:
+        raise ValueError(f"recipe={job.recipe.name} assumes a pre-trained backbone (its LR law depends on the "
+                         f"backbone's pre-training tokens Dp), but model={job.model.name} starts from random "
+                         "weights (no model.init_from; Dp would be 0): give model.init_from=DIR, or use recipe=fixed")
     return plan_run(job.model, job.data, job.train, tokens, flops, job.recipe, job.resources, lengths=lengths,
                     counts=counts)
 

@@ -35,6 +35,7 @@ class Recipe:
 
     name: ClassVar[str] = ""
     exact_batch: ClassVar[bool] = True
+    needs_backbone: ClassVar[bool] = False   # fitted on pre-trained backbones: refused for random weights
 
     def batch_and_lr(self, n_params: int, width: int, tokens: float) -> tuple[int, float]:
         """(batch size in triplets, peak learning rate) of a run of a model with n_params
@@ -74,6 +75,7 @@ class PolarLawRecipe(Recipe):
 
     name: ClassVar[str] = "polar_law"
     exact_batch: ClassVar[bool] = False
+    needs_backbone: ClassVar[bool] = True
 
     backbone_tokens: Optional[float] = None   # Dp: the backbone's own pre-training tokens, e.g. 2.5e12
 

@@ -77,10 +77,17 @@ class Pretrain(Stage):
             if path and not Path(path).exists() else []
 
     def check(self, job: JobConfig) -> None:
-        from polar.model import check_backbone
+        from polar.model import check_backbone, checkpoint_shape
+        from polar.tokenizer import backbone_tokenizer
 
-        if job.model.init_from:
-            check_backbone(job.model.init_from, None if job.model.shape_from_checkpoint else job.model)
+        path = job.model.init_from
+        if not path:
+            return
+        check_backbone(path, None if job.model.shape_from_checkpoint else job.model)
+        rows, tokens = checkpoint_shape(path)["vocab_size"], len(backbone_tokenizer(path))
+        if tokens > rows + 3:          # beyond POLAR's <|reward|>, [UNUSED_TOKEN_130] and a pad token
+            raise ValueError(f"model.init_from {path!r}: its tokenizer has {tokens} tokens but its embedding "
+                             f"{rows} rows: not the tokenizer the model was trained with")
 
     def counts(self, job: JobConfig) -> ShapeCounts | None:
         from polar.model import checkpoint_counts

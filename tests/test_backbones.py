@@ -153,3 +153,19 @@ def test_smollm2_a_real_pretrained_model_becomes_a_reward_model(tmp_path):
         theirs = [plain(input_ids=torch.tensor([scorer.encode("What is 3 plus 3?", "3 plus 3 is 6.", o)]))
                   .logits[0, 0].item() for o in ("It is 6.", "Bananas are yellow.")]
     assert ours == pytest.approx(theirs, abs=1e-3)
+
+
+def test_a_tokenizer_that_does_not_match_the_embedding_is_refused(tmp_path):
+    from tests.fixtures import tiny_causal_lm
+
+    backbone = tiny_backbone("llama", tmp_path / "llama")
+    tiny_causal_lm("llama", backbone, vocab_size=64)               # the weights of another, smaller vocabulary
+    out = run(tmp_path, "model=pretrained", f"model.init_from={backbone}", multirun=True)
+    assert out.returncode != 0 and "its tokenizer has 322 tokens but its embedding 64 rows" in out.stderr
+
+
+def test_polars_law_is_refused_for_a_randomly_initialised_model(tmp_path):
+    out = run(tmp_path, "model=1m", "recipe=polar_law", "recipe.backbone_tokens=2e12", "budget.tokens=1e6",
+              "hydra/launcher=dryrun", multirun=True, tiny=False)
+    assert out.returncode != 0
+    assert "recipe=polar_law assumes a pre-trained backbone" in out.stderr and "Dp would be 0" in out.stderr
