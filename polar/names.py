@@ -25,6 +25,7 @@ VAL_LOSS = "val/loss"
 VAL_ACC = "val/acc"
 TOKENS_SEEN = "tokens_seen"                 # data terms: tokens of the triplets seen so far
 FLOPS_SEEN = "flops_seen"                   # nominal training FLOPs of those tokens
+FLOPS_EXECUTED = "flops_executed"           # FLOPs the training path ran (fewer with packing): for MFU
 THROUGHPUT = "throughput/tokens_per_s"
 MFU = "mfu"
 VAL_LOSS_FINAL = "val/loss_final"

@@ -152,14 +152,13 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
         stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> TrainResult:
-    """Train for `steps` optimizer steps, resuming from run_dir/checkpoint.pt when present.
-    position: the terminal line of the progress bar when several jobs share a terminal.
-    stop: asked after every step (on every rank); when it says so on any rank, fit logs,
-    checkpoints that step and raises Preempted (a job about to be requeued by SLURM).
-    With several ranks (env), pass the model wrapped by `polar.distributed.wrap_model` and
-    the real sink on rank 0 only; cfg.batch_size is the global batch, shared by the ranks.
-    Evaluations also log the training throughput since the previous one (all ranks,
-    evaluation and checkpoints excluded) and, given one device's peak_flops, the MFU."""
+    """Train `steps` optimizer steps, resuming from run_dir/checkpoint.pt; tokens_seen and
+    flops_seen are data terms, the same with packing on or off. position: the progress
+    bar's terminal line. stop: asked after every step on every rank; when any says so, fit
+    logs, checkpoints that step and raises Preempted (a job SLURM is about to requeue).
+    Several ranks: pass the model wrapped by polar.distributed.wrap_model and the real sink
+    on rank 0 only; cfg.batch_size is the global batch. Evaluations log the throughput since
+    the previous one (evaluation and checkpoints excluded) and, given peak_flops, the MFU."""
     from tqdm import tqdm
 
     env = env or dist_env()
@@ -167,7 +166,7 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
     run_dir = Path(run_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     state = load_checkpoint(run_dir, model, optimizer, env)
-    step, tokens_seen = state["step"], state["tokens_seen"]
+    step, tokens_seen, executed = state["step"], state["tokens_seen"], state.get("tokens_executed", state["tokens_seen"])
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
     val_loss, val_acc = state.get("val_loss", float("nan")), state.get("val_acc", float("nan"))
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
@@ -179,27 +178,28 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
         # the other order would lose them
         on_main(lambda: sink.log_many(list(buffer)), env)
         buffer.clear()
-        save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen,
+        save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen, tokens_executed=executed,
                         val_loss=val_loss, val_acc=val_acc)
 
-    mark = (time.perf_counter(), tokens_seen)        # throughput since the last evaluation
+    mark = (time.perf_counter(), tokens_seen, executed)        # throughput since the last evaluation
     while step < steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, cfg)
         batch = train.subset(batch_order(len(train), cfg.batch_size, step, cfg.seed))
         loss = mean_across(train_step(model, optimizer, shard(batch, env), special, cfg, device))
         step += 1
-        tokens_seen += int((batch.packed_tokens() if cfg.packing else batch.naive_tokens()).sum())
+        tokens_seen += int(batch.naive_tokens().sum())             # data terms, whatever the path
+        executed += int((batch.packed_tokens() if cfg.packing else batch.naive_tokens()).sum())
         _check_finite(loss, step, run_dir)
         buffer.append(({names.TRAIN_LOSS: loss, names.LR: optimizer.param_groups[0]["lr"]}, step))
         bar.update(1)
         if step in evals:
-            speed = throughput(tokens_seen - mark[1], time.perf_counter() - mark[0], flops_per_token,
-                               peak_flops, env.world_size)
+            speed = throughput(tokens_seen - mark[1], executed - mark[2], time.perf_counter() - mark[0],
+                               flops_per_token, peak_flops, env.world_size)
             val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
-            buffer.append((_eval_point(val_loss, val_acc, tokens_seen, flops_per_token, speed), step))
+            buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
             flush_and_checkpoint()
-            mark = (time.perf_counter(), tokens_seen)
+            mark = (time.perf_counter(), tokens_seen, executed)
             bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
         if stop is not None and step < steps and any_rank(stop()):
             if buffer:               # not an evaluation step, which has just been checkpointed
@@ -216,21 +216,25 @@ def _check_finite(loss: float, step: int, run_dir: Path) -> None:
                                  f"checkpoint in {run_dir} is kept (try a lower learning rate)")
 
 
-def _eval_point(val_loss: float, val_acc: float, tokens_seen: int, flops_per_token: float, speed: dict) -> dict:
+def _eval_point(val_loss: float, val_acc: float, tokens_seen: int, executed: int, flops_per_token: float,
+                speed: dict) -> dict:
+    """An evaluation's metrics: the axes in data terms (tokens of the triplets in POLAR's
+    two-sequence layout and their nominal FLOPs), and apart the FLOPs actually executed."""
     return {names.VAL_LOSS: val_loss, names.VAL_ACC: val_acc, names.TOKENS_SEEN: tokens_seen,
-            names.FLOPS_SEEN: tokens_seen * flops_per_token, **speed}
+            names.FLOPS_SEEN: tokens_seen * flops_per_token, names.FLOPS_EXECUTED: executed * flops_per_token,
+            **speed}
 
 
-def throughput(tokens: int, seconds: float, flops_per_token: float, peak_flops: float | None,
+def throughput(tokens: int, executed: int, seconds: float, flops_per_token: float, peak_flops: float | None,
                world_size: int = 1) -> dict[str, float]:
-    """Metrics of training speed: tokens per second, and the model FLOPs utilisation
-    (achieved FLOP/s over the peak of all devices) where the peak of one is known."""
+    """Metrics of training speed: data tokens per second, and the model FLOPs utilisation
+    (the FLOP/s the training path executed over the peak of all devices) where the peak
+    of one is known."""
     if seconds <= 0 or tokens <= 0:
         return {}
-    rate = tokens / seconds
-    out = {names.THROUGHPUT: rate}
+    out = {names.THROUGHPUT: tokens / seconds}
     if peak_flops:
-        out[names.MFU] = rate * flops_per_token / (peak_flops * world_size)
+        out[names.MFU] = executed / seconds * flops_per_token / (peak_flops * world_size)
     return out
 
 

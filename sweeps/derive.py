@@ -28,7 +28,7 @@ class Plan:
     n_params_nonembed: int
     flops_per_token: float
     seq_len: float                 # mean tokens per sequence in POLAR's layout
-    tokens_per_triplet: float      # tokens the training path processes per triplet
+    tokens_per_triplet: float      # tokens per triplet in data terms (two sequences, whatever the path)
     tokens: float                  # planned
     compute: float                 # planned training FLOPs
     batch_size: int
@@ -46,14 +46,13 @@ class Plan:
         return self.gpus == 0
 
 
-def sequence_lengths(data: DataConfig, packing: bool = False) -> tuple[float, float]:
-    """(mean sequence length, tokens processed per triplet). A sequence is
-    BOS P R <|reward|> P O END; the naive path processes two per triplet, the packed path
-    the shared prefix once and each candidate with its END. Tokens, and so compute,
-    count what the training path processes."""
+def sequence_lengths(data: DataConfig) -> tuple[float, float]:
+    """(mean sequence length, tokens per triplet). A sequence is BOS P R <|reward|> P O END,
+    two per triplet: tokens, and so compute, are data terms (what POLAR counts), whatever
+    the training path does to go faster (packing computes the shared prefix once)."""
     p, r = data.mean_prefix_len, data.response_len
     seq = 3 + 2 * p + r + r
-    return seq, (2 + 2 * p + r + 2 * (r + 1)) if packing else 2 * seq
+    return seq, 2 * seq
 
 
 def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens: float | None,
@@ -69,7 +68,7 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens:
         raise ValueError("give exactly one budget: budget.tokens=... or budget.flops=... "
                          f"(got tokens={tokens}, flops={flops})")
     recipe = recipe if recipe is not None else FixedRecipe()
-    seq, per_triplet = lengths or sequence_lengths(data, train.packing)
+    seq, per_triplet = lengths or sequence_lengths(data)
     counts = counts or preset_counts(model)
     fpt = counts.flops_per_token(seq)
     tokens = tokens if tokens is not None else flops / fpt

@@ -30,7 +30,7 @@ class Measured:
 
     n_triplets: int
     seq_len: float                 # mean tokens per sequence in POLAR's layout
-    tokens_per_triplet: float      # tokens the training path processes per triplet
+    tokens_per_triplet: float      # tokens per triplet in data terms (two sequences)
 
 
 class Stage:
@@ -127,8 +127,8 @@ class Finetune(Stage):
 
     def measure(self, job: JobConfig) -> Measured:
         _, train, _ = _finetune_data(job)
-        per_triplet = train.packed_tokens() if job.train.packing else train.naive_tokens()
-        return Measured(len(train), float(train.naive_tokens().mean()) / 2, float(per_triplet.mean()))
+        per_triplet = train.naive_tokens()                  # data terms, packed or not
+        return Measured(len(train), float(per_triplet.mean()) / 2, float(per_triplet.mean()))
 
     def inputs(self, job: JobConfig) -> RunInputs:
         from polar.inputs import finetune_inputs, preference_data_id

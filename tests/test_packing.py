@@ -206,3 +206,32 @@ def test_packed_equals_naive_for_every_supported_backbone(arch, tmp_path):
     for name, grad in naive[3].items():
         torch.testing.assert_close(grad, packed[3][name], rtol=1e-4, atol=1e-6, msg=name)
     assert naive[0].std() > 0 and type(model).__name__.endswith("ForSequenceClassification")
+
+
+def test_packing_changes_speed_only_never_the_axes(tiny_data, tmp_path):
+    """The same job with packing on and off: the same plan (steps, batch, LR, tokens,
+    compute), the same tokens_seen and flops_seen at every evaluation, the same losses (fp32
+    CPU, within 1e-4); only the FLOPs executed differ (fewer, packed)."""
+    from polar.trainer import fit
+    from sweeps.jobs import plan_of
+    from tests.fixtures import TINY_SWEEP, ListSink, job_config
+
+    plans = [plan_of(job_config(*TINY_SWEEP, "budget.tokens=1e5", f"train.packing={p}")) for p in (False, True)]
+    assert plans[0] == plans[1]
+    _, _, train, val, special = tiny_data
+    runs = {}
+    for packing in (False, True):
+        sink = ListSink()
+        cfg = TrainConfig(lr=1e-3, batch_size=16, n_evals=3, eval_spacing="linear", packing=packing, dtype="float32")
+        fit(seeded_model(special), train, val, special, cfg, 6, 1000.0, tmp_path / str(packing), sink, progress=False)
+        runs[packing] = [(step, m) for m, step in sink.points]
+    (off, on) = runs[False], runs[True]
+    assert [s for s, _ in off] == [s for s, _ in on]
+    for (_, a), (_, b) in zip(off, on):
+        for key in ("tokens_seen", "flops_seen"):
+            assert a.get(key) == b.get(key)
+        for key in ("train/loss", "val/loss"):
+            assert a.get(key, 0.0) == pytest.approx(b.get(key, 0.0), abs=1e-4)
+    executed = [(a["flops_executed"], b["flops_executed"]) for (_, a), (_, b) in zip(off, on) if "flops_executed" in a]
+    assert len(executed) == 3 and all(packed < naive for naive, packed in executed)
+    assert all(naive == a["flops_seen"] for (naive, _), (_, a) in zip(executed, [x for x in off if "flops_seen" in x[1]]))

@@ -36,10 +36,11 @@ def test_training_lowers_validation_loss(easy_data, tmp_path):
 
 
 def test_throughput_and_mfu():
-    assert throughput(3000, 2.0, 100.0, None) == {"throughput/tokens_per_s": 1500.0}
-    both = throughput(3000, 2.0, 100.0, peak_flops=1e6, world_size=3)
-    assert both["mfu"] == pytest.approx(1500 * 100 / 3e6)
-    assert throughput(0, 2.0, 100.0, 1e6) == {} and throughput(10, 0.0, 100.0, 1e6) == {}
+    """Throughput in data tokens; MFU from the tokens the path executed (fewer, packed)."""
+    assert throughput(3000, 2000, 2.0, 100.0, None) == {"throughput/tokens_per_s": 1500.0}
+    both = throughput(3000, 2000, 2.0, 100.0, peak_flops=1e6, world_size=3)
+    assert both["mfu"] == pytest.approx(1000 * 100 / 3e6)
+    assert throughput(0, 0, 2.0, 100.0, 1e6) == {} and throughput(10, 10, 0.0, 100.0, 1e6) == {}
 
 
 class Stop(Exception):
