@@ -183,6 +183,13 @@ def fuse_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shape) -> to
     return torch.cat([q, k, v], dim=1).reshape((s.heads + 2 * s.kv_heads) * s.head_dim, *rest).contiguous()
 
 
+def _layer_name(name: str) -> tuple[str, str, str, str]:
+    """A layer tensor's name as (layer index, "model.layers.N." prefix, module path, weight or bias)."""
+    layer, rest = LAYER.fullmatch(name).groups()
+    base, kind = rest.rsplit(".", 1)
+    return layer, f"model.layers.{layer}.", base, kind
+
+
 def _to_standard_step(s: Shape) -> Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]:
     top = {"model.tok_embeddings.weight": "model.embed_tokens.weight", "model.norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight", "v_head.weight": "score.weight"}
@@ -190,9 +197,7 @@ def _to_standard_step(s: Shape) -> Callable[[str, torch.Tensor], list[tuple[str,
     def step(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if name in top:
             return [(top[name], t)]
-        layer, rest = LAYER.fullmatch(name).groups()
-        p = f"model.layers.{layer}."
-        base, kind = rest.rsplit(".", 1)
+        layer, p, base, kind = _layer_name(name)
         if base == "attention.wqkv":
             return [(f"{p}self_attn.{n}.{kind}", x) for n, x in zip(QKV, split_wqkv(t, s))]
         return [(f"{p}{LAYER_NAMES[base]}.{kind}", t)]
@@ -211,9 +216,7 @@ def _to_internlm2_step(s: Shape, head: str):
     def step(name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if name in top:
             return [(top[name], t)]
-        layer, rest = LAYER.fullmatch(name).groups()
-        p = f"model.layers.{layer}."
-        base, kind = rest.rsplit(".", 1)
+        layer, p, base, kind = _layer_name(name)
         if base.startswith("self_attn.") and base[len("self_attn."):] in QKV:
             parts = pending.setdefault((layer, kind), {})
             parts[base[len("self_attn."):]] = t
@@ -440,7 +443,7 @@ def _token_content(value) -> str | None:
 def build_tokenizer(src: Path):
     """src/tokenizer.model (+ tokenizer_config.json, added_tokens.json) as a PreTrainedTokenizerFast
     that tokenizes as InternLM2TokenizerFast does, without its remote code."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
@@ -450,6 +453,41 @@ def build_tokenizer(src: Path):
         raise ConversionError(f"{str(path)!r} is a sentencepiece model of type {proto.trainer_spec.model_type}, "
                               "expected BPE (2), as InternLM2's tokenizer is")
     tcfg = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    names, added = _pieces(src, proto, tcfg)
+    vocab = {}
+    for i, name in enumerate(names):
+        vocab.setdefault(name, i)
+    normal = {i for i, p in enumerate(proto.pieces) if p.type == 1 and i not in added}
+    model = BPE(vocab, _bpe_merges(vocab, [p.score for p in proto.pieces], normal), unk_token="<unk>",
+                fuse_unk=True, byte_fallback=bool(proto.trainer_spec.byte_fallback))
+    tok = Tokenizer(model)
+    norm = [normalizers.Prepend("▁")] if proto.normalizer_spec.add_dummy_prefix else []
+    tok.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    for token in (SEP_TOKEN, REWARD_TOKEN):                  # POLAR's two tokens are special where they exist
+        if token in vocab:
+            added[vocab[token]] = AddedToken(token, normalized=False, special=True)
+    for i in sorted(added):
+        tok.add_tokens([added[i]])
+        if tok.token_to_id(added[i].content) != i:
+            raise ConversionError(f"{str(src)!r}: added token {added[i].content!r} should have id {i} but the "
+                                  f"vocabulary gives it {tok.token_to_id(added[i].content)}")
+    tok.post_processor = _bos_eos(tcfg)
+    extra = {k: tcfg[k] for k in ("chat_template", "model_max_length") if k in tcfg}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token=_token_content(tcfg.get("pad_token")) or "</s>",
+        additional_special_tokens=[t for t in (SEP_TOKEN, REWARD_TOKEN) if t in vocab],
+        padding_side=tcfg.get("padding_side", "left"), clean_up_tokenization_spaces=False, **extra)
+
+
+def _pieces(src: Path, proto, tcfg: dict):
+    """(piece names by id, added tokens by id): control and user-defined pieces match
+    whole; tokens declared in tokenizer_config.json / added_tokens.json rename their piece
+    (keeping its id) or follow the pieces without a gap."""
+    from tokenizers import AddedToken
+
     names = [p.piece for p in proto.pieces]
     names[:3] = ["<unk>", "<s>", "</s>"][:len(names)]        # InternLM2Converter.vocab
     added: dict[int, AddedToken] = {}
@@ -470,37 +508,17 @@ def build_tokenizer(src: Path):
     if beyond and beyond != list(range(len(names), len(names) + len(beyond))):
         raise ConversionError(f"{str(src)!r}: added tokens at ids {beyond} leave gaps after the "
                               f"{len(names)} sentencepiece pieces")
-    vocab = {}
-    for i, name in enumerate(names):
-        vocab.setdefault(name, i)
-    normal = {i for i, p in enumerate(proto.pieces) if p.type == 1 and i not in added}
-    model = BPE(vocab, _bpe_merges(vocab, [p.score for p in proto.pieces], normal), unk_token="<unk>",
-                fuse_unk=True, byte_fallback=bool(proto.trainer_spec.byte_fallback))
-    tok = Tokenizer(model)
-    norm = [normalizers.Prepend("▁")] if proto.normalizer_spec.add_dummy_prefix else []
-    tok.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(content=" ", left=1)])
-    for token in (SEP_TOKEN, REWARD_TOKEN):                  # POLAR's two tokens are special where they exist
-        if token in vocab:
-            added[vocab[token]] = AddedToken(token, normalized=False, special=True)
-    for i in sorted(added):
-        tok.add_tokens([added[i]])
-        if tok.token_to_id(added[i].content) != i:
-            raise ConversionError(f"{str(src)!r}: added token {added[i].content!r} should have id {i} but the "
-                                  f"vocabulary gives it {tok.token_to_id(added[i].content)}")
+    return names, added
+
+
+def _bos_eos(tcfg: dict):
+    """The post-processor: BOS (and EOS where the tokenizer config adds it) around a text."""
+    from tokenizers import processors
+
     add_bos, add_eos = tcfg.get("add_bos_token", True), tcfg.get("add_eos_token", False)
     single = " ".join((["<s>:0"] if add_bos else []) + ["$A:0"] + (["</s>:0"] if add_eos else []))
     pair = single + " " + " ".join((["<s>:1"] if add_bos else []) + ["$B:1"] + (["</s>:1"] if add_eos else []))
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair,
-                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
-    extra = {k: tcfg[k] for k in ("chat_template", "model_max_length") if k in tcfg}
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token=_token_content(tcfg.get("pad_token")) or "</s>",
-        additional_special_tokens=[t for t in (SEP_TOKEN, REWARD_TOKEN) if t in vocab],
-        padding_side=tcfg.get("padding_side", "left"), clean_up_tokenization_spaces=False, **extra)
-    return fast
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=[("<s>", 1), ("</s>", 2)])
 
 
 def token_ids(tok) -> dict[str, int]:
