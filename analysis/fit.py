@@ -318,6 +318,19 @@ def default_grid(law: Law, inputs: Mapping[str, np.ndarray], loss: np.ndarray) -
     return np.array(rows, dtype=float)
 
 
+def check_values(label: str, arr: np.ndarray) -> None:
+    """Every value finite and > 0 (the fit is in log space); FitError naming `label` (an
+    input of the law, or a data column) and the first bad rows."""
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise FitError(f"{label} has NaN or infinite values at rows {bad[:5].tolist()}; all values must be finite")
+    bad = np.flatnonzero(arr <= 0)
+    if bad.size:
+        raise FitError(
+            f"{label} must be > 0 (the fit is in log space); got {float(arr[bad[0]])!r} at rows {bad[:5].tolist()}"
+        )
+
+
 def validate_inputs(law: Law, inputs: Mapping[str, Sequence[float]], loss, *, for_fit: bool = True):
     """Arrays as float64 after checking what a fit needs; raises FitError naming the issue.
 
@@ -331,14 +344,7 @@ def validate_inputs(law: Law, inputs: Mapping[str, Sequence[float]], loss, *, fo
     for name, arr in list(arrs.items()) + [("loss", y)]:
         if arr.shape != y.shape:
             raise FitError(f"input {name!r} has {arr.size} values but loss has {y.size}")
-        bad = np.flatnonzero(~np.isfinite(arr))
-        if bad.size:
-            raise FitError(f"{name!r} has NaN or infinite values at rows {bad[:5].tolist()}; all values must be finite")
-        bad = np.flatnonzero(arr <= 0)
-        if bad.size:
-            raise FitError(
-                f"{name!r} must be > 0 (the fit is in log space); got {float(arr[bad[0]])!r} at rows {bad[:5].tolist()}"
-            )
+        check_values(repr(name), arr)
     if for_fit and y.size < law.n_params:
         raise FitError(
             f"law {law.name!r} has {law.n_params} parameters {list(law.param_names)} but only "
@@ -379,6 +385,8 @@ def records_inputs(df, law: Law | str, x: str = "n_params") -> tuple[dict, np.nd
             f"law {law.name!r} with x={x!r} needs columns {cols}; missing {missing} "
             f"(columns present: {list(df.columns)})"
         )
+    for c in cols:                       # named as the data name them, not as the law does ('x')
+        check_values(f"column {c!r}", df[c].to_numpy(float))
     if law.inputs == ("x",):
         return {"x": df[x].to_numpy(float)}, df["loss"].to_numpy(float)
     return {k: df[c].to_numpy(float) for k, c in _INPUT_COLUMNS.items()}, df["loss"].to_numpy(float)

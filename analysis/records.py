@@ -98,7 +98,9 @@ def _experiment(client, experiment: str, uri: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         found = sorted(e.name for e in client.search_experiments())
-        raise RunsError(f"no MLflow experiment named {experiment!r} at tracking URI {uri!r}; "
+        from sweeps.runs import redact
+
+        raise RunsError(f"no MLflow experiment named {experiment!r} at tracking URI {redact(uri)!r}; "
                         f"experiments there: {found or 'none'}")
     return exp
 
@@ -247,5 +249,10 @@ def complete_records(df: pd.DataFrame, source: str = "data") -> pd.DataFrame:
         )
     for col in ("n_params", "tokens", "compute", "loss"):
         if col in df.columns:
-            df[col] = pd.to_numeric(df[col], errors="coerce")
+            numbers = pd.to_numeric(df[col], errors="coerce")
+            text = df[col][numbers.isna() & df[col].notna()]
+            if len(text):
+                raise RunsError(f"{source}: column {col!r} has non-numeric values {text.tolist()[:3]} at rows "
+                                f"{[int(i) for i in text.index[:5]]}; every value must be a number")
+            df[col] = numbers
     return df

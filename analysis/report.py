@@ -32,6 +32,7 @@ from analysis.frontier import envelope, isoflop_minima, pareto_frontier
 from analysis.laws import chinchilla_optimal
 from polar import names
 from polar.names import CURVE_COLUMNS
+from sweeps.runs import redact
 
 __all__ = ["ReportError", "analyse", "write_report", "main"]
 
@@ -203,7 +204,7 @@ def _no_runs_message(rec) -> str:
         extra.append(f"{len(rec.unfinished)} not finished")
     detail = f": {'; '.join(extra)}" if extra else " (no job runs at all)"
     return (
-        f"experiment {rec.experiment!r} at {rec.tracking_uri!r} has no FINISHED job runs"
+        f"experiment {rec.experiment!r} at {redact(rec.tracking_uri)!r} has no FINISHED job runs"
         f"{detail}; run the sweep first (python -m sweeps.run -m +experiment={rec.experiment})"
     )
 
@@ -234,7 +235,7 @@ def fits_json(rec, an: dict) -> dict:
         fits["chinchilla"] = {"skipped": chin["skipped"]}
     return {
         "experiment": rec.experiment,
-        "tracking_uri": rec.tracking_uri,
+        "tracking_uri": redact(rec.tracking_uri),
         "fits": fits,
         "size_points": _records(an["sizes"][["model", "n_params", "tokens", "loss", "loss_std", "n_seeds"]]),
         "size_points_note": an["budget_note"],
@@ -286,7 +287,7 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     fits = fj["fits"]
     lines = [f"# Scaling report: {rec.experiment}", "",
              f"{len(rec.records)} finished runs, {len(rec.failed)} failed, {len(rec.unfinished)} unfinished "
-             f"(tracking URI `{rec.tracking_uri}`). Fits: log space, sum of Huber losses (δ = 1e-3) of log "
+             f"(tracking URI `{redact(rec.tracking_uri)}`). Fits: log space, sum of Huber losses (δ = 1e-3) of log "
              "residuals, multi-start L-BFGS (analysis/fit.py); CIs: 95% percentile bootstrap over points.", ""]
     lines += _fit_section("Loss against model size (final validation loss)", fits["loss_vs_params"], "N")
     if "prediction" in fits["loss_vs_params"]:
@@ -409,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = load_records(args.experiment, args.tracking_uri)
         an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed)
     except (RunsError, ReportError, F.FitError) as exc:
-        print(f"analysis.report: error: {exc}", file=sys.stderr)
+        print(f"analysis.report: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     files = write_report(rec, an, out_dir)
     status = 0
@@ -424,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    params={names.N_RUNS: len(rec.records), names.N_FAILED: len(rec.failed)})
             print(f"logged to MLflow: experiment {rec.experiment!r}, analysis run {rid}")
         except Exception as exc:  # the files are written; say what did not happen
-            print(f"analysis.report: warning: could not log to MLflow ({type(exc).__name__}: {exc}); "
+            print(f"analysis.report: warning: could not log to MLflow ({type(exc).__name__}: {redact(str(exc))}); "
                   f"the files in {out_dir} are complete", file=sys.stderr)
             status = 1
     sf = an["size_fit"]
@@ -436,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"L = {cf.params['a']:.4g} C^{cf.params['b']:.5f}  (R^2 = {cf.r2:.4f}, frontier)")
     print(f"report: {out_dir / 'report.md'}  (plots and fits.json beside it; {time.perf_counter() - t0:.1f} s)")
     if rec.tracking_uri:
-        print(f"browse the runs: mlflow ui --backend-store-uri {rec.tracking_uri}")
+        print(f"browse the runs: mlflow ui --backend-store-uri {redact(rec.tracking_uri)}")
     return status
 
 

@@ -17,6 +17,27 @@ def _positive(owner: str, **values: float) -> None:
             raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
 
 
+def local_dir(path: str, key: str) -> str:
+    """A directory the config names (`key=path`), resolved against the working directory as
+    a local path (never a Hugging Face hub id), or FileNotFoundError naming key and path."""
+    from pathlib import Path
+
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        raise FileNotFoundError(missing_dir(path, key))
+    return str(resolved)
+
+
+def missing_dir(path: str, key: str) -> str:
+    """Why `key=path` is refused when it is not a local directory."""
+    from pathlib import Path
+
+    resolved = Path(path).expanduser().resolve()
+    what = "is a file, not a directory" if resolved.exists() else "does not exist"
+    return (f"{key}={path} {what} ({resolved}): give a local Hugging Face folder (hub ids are not fetched; "
+            "a relative path is read from the working directory)")
+
+
 def _one_of(owner: str, name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"{owner}.{name}={value!r} is not valid; choose one of {list(valid)}")
@@ -151,6 +172,15 @@ class DataConfig:
         names = [p.name for p in self.policies]
         if len(set(names)) != len(names):
             raise ValueError(f"data.policies has duplicate names: {sorted(names)}")
+
+    def local_dirs(self, uses_tokenizer: bool = True) -> list[tuple[str, str]]:
+        """(config key, path) of every local directory this config names: each hf policy's
+        model folder, and the tokenizer folder (unless "bpe", or not used: uses_tokenizer
+        is False where a backbone brings its own)."""
+        dirs = [(f"data.policies[{i}].path", p.path) for i, p in enumerate(self.policies) if p.kind == "hf"]
+        if uses_tokenizer and self.tokenizer != "bpe":
+            dirs.insert(0, ("data.tokenizer", self.tokenizer))
+        return dirs
 
     @property
     def mean_prefix_len(self) -> float:

@@ -101,12 +101,15 @@ class HFPolicy:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from polar.config import local_dir
+
         self.name, self.spec, self.batch_size = spec.name, spec, batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.path, padding_side="left")
+        path = local_dir(spec.path, f"policy {spec.name!r}: path")   # never a hub id
+        self.tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = AutoModelForCausalLM.from_pretrained(spec.path).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(self.device).eval()
 
     def generate(self, prefixes: Sequence[str], max_new_tokens: int, seed: int) -> list[str]:
         import torch

@@ -20,9 +20,10 @@ CLI (`python -m polar.score`):
 Each input line is a JSON object with "prompt", "reference" and "output" (strings or chat
 message lists, as the reference client accepts; an optional "wrapper" overrides
 --wrapper for that line); it is written back with "score" added, to --output or stdout.
-The input is checked in full before anything is scored, so a bad line (not a JSON object,
-a missing field, a message with non-string content) stops the run with its line number
-before any output. --output is written to a temporary file beside it and renamed at the
+--output (not a directory) and --device (one this machine has) are checked first, then
+the input in full before anything is scored, so a bad line (not UTF-8, not a JSON object,
+a missing field, a message with non-string content) stops the run with its file and line
+number before any output. --output is written to a temporary file beside it and renamed at the
 end: an existing file is replaced only by a complete result, never lost to a failed run.
 Progress goes to stderr.
 """
@@ -63,7 +64,7 @@ class RewardScorer:
             raise ValueError(f"max_batch_tokens must be > 0, got {max_batch_tokens}")
         self.model_dir, self.batch_size, self.layout = Path(model_dir), batch_size, layout
         self.max_batch_tokens = max_batch_tokens
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
         model = load_model(self.model_dir)       # clear errors: missing dir, no model, not POLAR
         self.tokenizer = model_tokenizer(self.model_dir)
         self.special = special_ids(self.tokenizer)
@@ -107,6 +108,26 @@ class RewardScorer:
             for r, i in enumerate(rows):
                 out[i] = float(values[r])
         return out
+
+
+def check_device(device: str) -> str:
+    """A device this machine has (cpu, cuda, cuda:N, mps), or ValueError saying what it has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device name ({err}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to "
+                             f"cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    return device
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
@@ -153,13 +174,20 @@ def jsonl_objects(path: str | Path, what: str, error: type[Exception]) -> Iterat
     """(line number, "FILE: line N", parsed JSON) for each non-blank line of a JSONL file;
     a missing file or a line that is not JSON raises with the file (called `what`) and line."""
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {str(path)!r} is a directory; give a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}: line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{where}: not UTF-8 text (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of "
+                            "the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}: line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
@@ -230,9 +258,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_output(path: str | Path) -> None:
+    """--output must name a file that can be written (checked before any scoring): not a
+    directory, and under a directory (or a folder still to be made), not under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {str(path)!r} is a directory; give a file path, e.g. {str(path / 'scored.jsonl')!r}")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"--output {str(path)!r}: {str(parent)!r} is a file, not a directory")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.output is not None:
+            check_output(args.output)
         layout = Layout(max_length=args.max_length, max_response_length=args.max_response_length,
                         truncation_side=args.truncation_side, wrapper=args.wrapper)
         for _ in read_records(args.input):   # fail on bad input before loading the model

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -121,11 +122,20 @@ class TeeSink:
 
 
 class SkipLogged:
-    """Drops metric points at or below the last step already logged for their key, so a
-    job resumed from an older checkpoint than its last flush never logs a step twice."""
+    """Drops the metric points a resumed job already logged, so a job resumed from an older
+    checkpoint than its last flush never logs a step twice. `logged` maps a key to the
+    steps logged for it (e.g. a JsonlRun's metrics): a point is dropped when its step is
+    among them, so one damaged step in the file (55 written as 955) drops that point only,
+    never every later one; the resume itself decides from the checkpoint. An int instead
+    of steps means every step up to it."""
 
-    def __init__(self, sink: MetricSink, last_steps: dict[str, int]):
-        self.sink, self.last_steps = sink, dict(last_steps)
+    def __init__(self, sink: MetricSink, logged: dict[str, int | Iterable[int]]):
+        self.sink = sink
+        self.logged = {k: v if isinstance(v, int) else frozenset(v) for k, v in logged.items()}
+
+    def _seen(self, key: str, step: int) -> bool:
+        done = self.logged.get(key)
+        return done is not None and (step <= done if isinstance(done, int) else step in done)
 
     def log_params(self, params):
         self.sink.log_params(params)
@@ -133,7 +143,7 @@ class SkipLogged:
     def log_many(self, points):
         kept = []
         for metrics, step in points:
-            fresh = {k: v for k, v in metrics.items() if step > self.last_steps.get(k, -1)}
+            fresh = {k: v for k, v in metrics.items() if not self._seen(k, step)}
             if fresh:
                 kept.append((fresh, step))
         if kept:
@@ -243,7 +253,7 @@ class MLflowSink:
         self.undelivered = left + self.dropped_points
         if self.undelivered:
             shout(f"{self.undelivered} metric points of MLflow run {self.run_id} were NOT delivered to "
-                  f"{self.uri or 'the default tracking URI'} (last error: {self.last_error}); they are in "
+                  f"{redact(self.uri) or 'the default tracking URI'} (last error: {self.last_error}); they are in "
                   "the run's metrics.jsonl: re-run the same job (it resumes and replays them) or replay them "
                   "with `python -m sweeps.runs replay RUN_DIR`")
         return self.undelivered
@@ -309,7 +319,7 @@ class MLflowSink:
                     continue
                 self.failures += 1
                 task.tries += 1
-                self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+                self.last_error = redact(f"{type(err).__name__}: {str(err)[:300]}")
                 if task.tries == 1 or task.tries % 10 == 0:
                     log.warning("MLflow delivery failed (%s); retrying in %.1f s, %d metric points queued",
                                 self.last_error, delay, self.pending_points)
@@ -361,12 +371,38 @@ class MLflowSink:
 
     def _drop(self, task: _Task, err: BaseException) -> None:
         self.dropped_points += task.points
-        self.last_error = f"{type(err).__name__}: {str(err)[:300]}"
+        self.last_error = redact(f"{type(err).__name__}: {str(err)[:300]}")
         log.error("MLflow refused a %s delivery for run %s for good (%s); dropped%s", task.kind, self.run_id,
                   self.last_error, f" {task.points} metric points" if task.points else "")
         with self._cond:
             self._inflight = None
             self._cond.notify_all()
+
+
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*\\?://)(?P<userinfo>[^/\s@]*(?:@[^/\s@]*)*)@")
+
+
+def redact(text: str | None) -> str | None:
+    """`text` (a URI, or a message that holds URIs) with each URI's password replaced by
+    ***: http://user:TOKEN@host -> http://user:***@host; a user part without a password
+    (often a token itself) becomes ***. Everything printed or stored about a tracking
+    URI goes through here."""
+    if text is None:
+        return None
+
+    def hide(m: re.Match) -> str:
+        user, colon, _ = m["userinfo"].partition(":")
+        return f"{m['scheme']}{user + ':***' if colon else '***'}@"
+
+    return _USERINFO.sub(hide, str(text))
+
+
+def hide_run_urls(uri: str | None) -> None:
+    """MLflow prints "View run NAME at: URL" with the tracking URI's credentials when it
+    ends a run: keep it quiet for a URI that carries any (this process and its children)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 def shout(message: str) -> None:
@@ -381,13 +417,14 @@ def shout(message: str) -> None:
 @dataclass
 class JsonlRun:
     """A metrics.jsonl read back: params and tags (merged, last wins), the last status
-    record (None while running or killed), and metrics as {key: {step: value}} (the
-    first value logged for a step wins)."""
+    record (None while running or killed), metrics as {key: {step: value}} (the first
+    value logged for a step wins), and the lines skipped as damaged ("FILE:LINE: what")."""
 
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     status: str | None = None
     metrics: dict[str, dict[int, float]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     def last_steps(self) -> dict[str, int]:
         return {k: max(v) for k, v in self.metrics.items() if v}
@@ -396,27 +433,84 @@ class JsonlRun:
         return sum(len(v) for v in self.metrics.values())
 
 
-def read_jsonl(path: str | Path) -> JsonlRun:
-    """Read a metrics.jsonl written by JsonlSink; a torn last line is ignored."""
+def read_jsonl(path: str | Path, warn: bool = True) -> JsonlRun:
+    """Read a metrics.jsonl written by JsonlSink. A torn last line (a kill mid-write) is
+    ignored; any other line that is not a JSON object of a known record, and the metric
+    lines whose step breaks the file's rising order (the fewest such that the rest rise),
+    are skipped and listed in `problems` with file and line (with a warning, when `warn`)."""
     out, path = JsonlRun(), Path(path)
     if not path.exists():
         return out
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "params" in rec:             # written at each (re)start of the job
-                out.params.update(rec["params"])
-                out.status = None
-            elif "tags" in rec:
-                out.tags.update(rec["tags"])
-            elif "status" in rec:
-                out.status = rec["status"]
-            elif "step" in rec:
-                step = int(rec["step"])
-                for k, v in rec.items():
-                    if k not in ("step", "time"):
-                        out.metrics.setdefault(k, {}).setdefault(step, float(v))
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    points = []
+    for number, line in enumerate(lines, 1):
+        rec, problem = _parse_record(line)
+        if problem is not None:
+            if number < len(lines) or line.endswith("\n"):
+                out.problems.append(f"{path}:{number}: {problem}")
+        elif "params" in rec:             # written at each (re)start of the job
+            out.params.update(rec["params"])
+            out.status = None
+        elif "tags" in rec:
+            out.tags.update(rec["tags"])
+        elif "status" in rec:
+            out.status = rec["status"]
+        else:
+            points.append((number, rec["step"], {k: v for k, v in rec.items() if k not in ("step", "time")}))
+    for number, step, metrics in _rising(points, path, out.problems):
+        for k, v in metrics.items():
+            out.metrics.setdefault(k, {}).setdefault(step, float(v))
+    if out.problems and warn:
+        more = f" (and {len(out.problems) - 5} more)" if len(out.problems) > 5 else ""
+        log.warning("%d damaged lines of %s skipped: %s%s", len(out.problems), path,
+                    "; ".join(out.problems[:5]), more)
     return out
+
+
+def _parse_record(line: str) -> tuple[dict | None, str | None]:
+    """(record, None), or (None, what is wrong with the line)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"not JSON ({err.msg}): {line.strip()[:80]!r}"
+    if not isinstance(rec, dict):
+        return None, f"not a JSON object: {line.strip()[:80]!r}"
+    for kind in ("params", "tags"):
+        if kind in rec:
+            return (rec, None) if isinstance(rec[kind], dict) else (None, f"{kind} is not an object")
+    if "status" in rec:
+        return rec, None
+    if "step" not in rec:
+        return None, "none of params, tags, status or step"
+    step = rec["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, f"step {step!r} is not a whole number >= 0"
+    for k, v in rec.items():
+        if k != "step" and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            return None, f"{k} = {v!r} is not a number"
+    return rec, None
+
+
+def _rising(points: list[tuple[int, int, dict]], path: Path, problems: list[str]) -> list[tuple[int, int, dict]]:
+    """The longest run of metric lines whose steps never fall (a job logs its steps in
+    order, and a resumed one skips those already logged); each other line is reported."""
+    import bisect
+
+    tails, tail_at, before = [], [], [-1] * len(points)   # patience sort with back links
+    for i, (_, step, _) in enumerate(points):
+        j = bisect.bisect_right(tails, step)
+        before[i] = tail_at[j - 1] if j else -1
+        tails[j:j + 1], tail_at[j:j + 1] = [step], [i]
+    keep, i = set(), tail_at[-1] if tail_at else -1
+    while i >= 0:
+        keep.add(i)
+        i = before[i]
+    last = -1
+    for i, (number, step, _) in enumerate(points):
+        if i in keep:
+            last = step
+        else:
+            problems.append(f"{path}:{number}: step {step} is out of order (the lines kept are at step {last} "
+                            "just before it and rise from there)")
+    return [p for i, p in enumerate(points) if i in keep]

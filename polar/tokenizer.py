@@ -54,10 +54,9 @@ def load_tokenizer(path: str | Path):
     """A local HF tokenizer directory, checked for POLAR's special tokens."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(path)!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    from polar.config import local_dir
+
+    tok = AutoTokenizer.from_pretrained(local_dir(str(path), "data.tokenizer"), local_files_only=True)
     special_ids(tok)   # raises when a POLAR token is missing
     return tok
 

@@ -14,7 +14,10 @@ whose unsharded states resume on any number of ranks.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +43,20 @@ from polar.distributed import (
     training_state,
     unwrap,
 )
+from polar.integrity import file_digest
 from polar.loss import pair_accuracy, pretrain_loss
 from polar.packing import PackedBatch, pack_triplets, packed_rewards, row_capacity
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"            # the checkpoint before the last, kept to fall back to
+CHECKSUMS = "checkpoint.sha256.json"       # {file name: {"size", "sha256"}} of the two above
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run folder can be trusted; the message names each file and
+    what is wrong with it, and how to start the run over."""
 
 
 class Preempted(Exception):
@@ -240,7 +253,9 @@ def throughput(tokens: int, executed: int, seconds: float, flops_per_token: floa
 
 def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None, **state) -> None:
     """Model, optimizer, RNG state and counters, written atomically (tmp file + rename) by
-    rank 0; a collective when there are several ranks (every rank calls it)."""
+    rank 0, with its sha256 in checkpoint.sha256.json; the checkpoint it replaces is kept
+    as checkpoint.prev.pt, to fall back to should the new one be damaged. A collective
+    when there are several ranks (every rank calls it)."""
     env = env or dist_env()
     model_state, optim_state = training_state(model, optimizer)
 
@@ -249,16 +264,93 @@ def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None,
                    "shape": _shape(model), **state}
         with atomic_path(run_dir / CHECKPOINT) as tmp:
             torch.save(payload, tmp)
+            _keep_previous(Path(run_dir), file_digest(tmp))
 
     on_main(write, env)
 
 
+def _keep_previous(run_dir: Path, new: dict) -> None:
+    """Before a new checkpoint (digest `new`) is renamed into place: list it in the
+    checksums, and move the current checkpoint, when it is whole, to checkpoint.prev.pt.
+    In this order a kill at any point leaves every file that is there listed."""
+    current, listed = run_dir / CHECKPOINT, _read_checksums(run_dir)
+    digest = file_digest(current) if current.exists() else None
+    keep = digest is not None and (listed is None or listed.get(CHECKPOINT) == digest)
+    entries = {CHECKPOINT: new, PREVIOUS: digest if keep else (listed or {}).get(PREVIOUS)}
+    with atomic_path(run_dir / CHECKSUMS) as tmp:
+        tmp.write_text(json.dumps({k: v for k, v in entries.items() if v}, indent=1), encoding="utf-8")
+    if keep:
+        os.replace(current, run_dir / PREVIOUS)
+
+
+def _read_checksums(run_dir: Path) -> dict | None:
+    """The checksums of run_dir's checkpoints; None when the folder has none (written
+    before checksums existed) or they cannot be read (then torch.load is the only check)."""
+    path = run_dir / CHECKSUMS
+    if not path.exists():
+        return None
+    try:
+        listed = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(listed, dict) and all(isinstance(v, dict) for v in listed.values()):
+            return listed
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    log.warning("%s cannot be read; checkpoints are checked by loading them only", path)
+    return None
+
+
+def _checkpoint_problem(path: Path, listed: dict | None) -> str | None:
+    """What is wrong with the checkpoint at `path`, or None when its size and sha256 are
+    those of a checkpoint this folder wrote (any listed one: a kill between the renames of
+    a save leaves the previous checkpoint under either name)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if listed is None:     # a run folder from before checksums (2026-11-29): still loads, unchecked
+        return None
+    if file_digest(path) in listed.values():
+        return None
+    want = listed.get(path.name)
+    if want is None:
+        return f"it is not listed in {CHECKSUMS} (written by something else?)"
+    if want["size"] != size:
+        return f"it is {size} bytes where {CHECKSUMS} says {want['size']} (truncated or overwritten)"
+    return f"its sha256 differs from the one written with it in {CHECKSUMS} (bytes overwritten)"
+
+
+def _read_good_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
+    """(path, payload) of the newest checkpoint of run_dir that is whole: checkpoint.pt,
+    else checkpoint.prev.pt (with a warning naming what is wrong with the newer one);
+    None when there is none; CheckpointError when there are some but none is whole."""
+    listed, problems = _read_checksums(run_dir), []
+    for path in (run_dir / CHECKPOINT, run_dir / PREVIOUS):
+        if not path.exists():
+            continue
+        problem = _checkpoint_problem(path, listed)
+        if problem is None:
+            try:
+                payload = torch.load(path, weights_only=True, map_location="cpu")
+            except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad archive
+                problem = f"torch.load cannot read it ({type(err).__name__}: {str(err)[:200]})"
+        if problem is None:
+            if problems:
+                log.warning("damaged checkpoint %s; resuming from the previous one, %s", "; ".join(problems), path)
+            return path, payload
+        problems.append(f"{path}: {problem}")
+    if problems:
+        raise CheckpointError(f"no checkpoint in {run_dir} can be trusted, and training from a damaged one "
+                              f"would be wrong: {'; '.join(problems)}. To start the run over, delete the run "
+                              f"folder (rm -r {run_dir}) and run the same command again.")
+    return None
+
+
 def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None) -> dict:
-    """Restore a checkpoint into model and optimizer; a fresh state when there is none.
-    Rank 0 reads the file and broadcasts the states; the counters reach every rank."""
+    """Restore the newest whole checkpoint into model and optimizer; a fresh state when
+    there is none (CheckpointError when every one is damaged). Rank 0 reads the file and
+    broadcasts the states; the counters reach every rank."""
     env = env or dist_env()
-    path = Path(run_dir) / CHECKPOINT
-    payload = on_main(lambda: torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None, env)
+    found = on_main(lambda: _read_good_checkpoint(Path(run_dir)), env)
+    path, payload = found if found is not None else (Path(run_dir) / CHECKPOINT, None)
     counters = broadcast_object(None if payload is None else
                                 {k: v for k, v in payload.items() if k not in ("model", "optimizer", "torch_rng")})
     if counters is None:

@@ -4,7 +4,8 @@ MlflowSweep, before any job starts, resolves the tracking URI once and exports i
 that every job logs to the same store whatever its working directory), then opens the
 sweep's experiment and parent run (sweeps.runs.open_sweep); at the end it closes the
 parent run (sweeps.runs.close_sweep), and an exit hook does the same if the sweep stops
-early. The run lifecycle itself lives in sweeps.runs.
+early. Before each job runs, a tracking URI's credentials are hidden in the files Hydra
+saved for it (`redact_files`). The run lifecycle itself lives in sweeps.runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class MlflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.tracking.backend == "off" or config.hydra.launcher.get("_target_", "").endswith("DryRunLauncher"):
             return
-        from sweeps.runs import open_sweep, resolved_uri
+        from sweeps.runs import open_sweep, redact, resolved_uri
 
         self.uri = resolved_uri(config.tracking.uri)
         if config.tracking.uri is None:
@@ -34,7 +35,18 @@ class MlflowSweep(Callback):
         self.experiment_id, self.parent_run_id, sweep_id = open_sweep(config.experiment_name, self.uri)
         atexit.register(self._close)
         print(f"sweep {sweep_id}: MLflow experiment {config.experiment_name!r} (id {self.experiment_id}) "
-              f"at {self.uri}", flush=True)
+              f"at {redact(self.uri)}", flush=True)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Hydra has saved the job's config (.hydra/*.yaml) and the sweep's multirun.yaml by
+        now: hide a tracking URI's credentials in them (sweeps.runs.redact)."""
+        from pathlib import Path
+
+        hc = config.hydra
+        files = [Path(hc.sweep.dir) / "multirun.yaml"] if hc.mode.name == "MULTIRUN" else []
+        if hc.output_subdir is not None:
+            files += sorted((Path(hc.runtime.output_dir) / hc.output_subdir).glob("*.yaml"))
+        redact_files(files)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._close()
@@ -45,3 +57,18 @@ class MlflowSweep(Callback):
 
             run_id, self.parent_run_id = self.parent_run_id, None
             close_sweep(self.uri, self.experiment_id, run_id)
+
+
+def redact_files(paths) -> None:
+    """Rewrite each file that holds a URI's credentials with them hidden (atomically: a
+    parallel job may do the same to a shared file)."""
+    from polar.atomic import write_text_atomic
+    from sweeps.runs import redact
+
+    for path in paths:
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if (hidden := redact(text)) != text:
+            write_text_atomic(path, hidden)

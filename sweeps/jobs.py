@@ -86,17 +86,18 @@ def run_params(job: JobConfig, plan: Plan, key: str, data_id: str) -> RunParams:
                      backbone_tokens=job.model.backbone_tokens or getattr(job.recipe, "backbone_tokens", None))
 
 
-def run_job(job: JobConfig, job_index: str = "") -> dict:
+def run_job(job: JobConfig, job_index: str = "", plan: Plan | None = None) -> dict:
     """Train one point of a sweep (or skip it when its run already finished). Started as
     several processes (torchrun, or one SLURM task per GPU), the ranks train one model
-    together: rank 0 owns the MLflow run, the metrics, the checkpoint and the model."""
+    together: rank 0 owns the MLflow run, the metrics, the checkpoint and the model.
+    `plan`: plan_job(job), where the caller has made it already."""
     import torch
 
     from polar.distributed import dist_env, init_distributed, shutdown
 
     if job.train.threads > 0:
         torch.set_num_threads(job.train.threads)
-    plan, key = plan_job(job), run_key(job)
+    plan, key = plan or plan_job(job), run_key(job)
     name = run_name(job, plan)
     run_dir = Path(job.paths.runs_dir) / key
     env = dist_env()

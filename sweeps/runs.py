@@ -19,6 +19,8 @@
 - Every run ends through `end_run` (or the sink's finish, for a job's own run): a FAILED,
   KILLED or SCHEDULED run carries its reason in tag polar.error.
 - Analysis logs its reports as a run of its own (`log_analysis_run`).
+- Secrets: a tracking URI may carry credentials (http://user:TOKEN@host); whatever this
+  module, sweeps.callbacks and analysis print or store about a URI goes through `redact`.
 
 CLI: `python -m sweeps.runs replay RUN_DIR [--uri URI]` delivers what a run's
 metrics.jsonl holds and its MLflow run lacks. MLflow is imported inside functions; with
@@ -49,7 +51,18 @@ from polar.names import (
     PID_TAG,
     SLURM_JOB_TAG,
 )
-from polar.sinks import JsonlRun, JsonlSink, MLflowSink, NullSink, SkipLogged, TeeSink, read_jsonl, shout
+from polar.sinks import (
+    JsonlRun,
+    JsonlSink,
+    MLflowSink,
+    NullSink,
+    SkipLogged,
+    TeeSink,
+    hide_run_urls,
+    read_jsonl,
+    redact,
+    shout,
+)
 from sweeps.schema import JobConfig
 
 ENV_EXPERIMENT_ID = "POLAR_MLFLOW_EXPERIMENT_ID"
@@ -65,6 +78,7 @@ _UNDELIVERED: list[str] = []     # repeated as the process's last words
 
 # ------------------------------------------------------------ where runs go
 
+# scheme://userinfo@ (also as Hydra writes an override: http\://user\:TOKEN@host)
 def resolved_uri(uri: str | None) -> str:
     """The tracking URI a job would use, with a relative sqlite path made absolute."""
     import mlflow
@@ -101,6 +115,7 @@ def git_sha() -> str:
 def client(uri: str | None):
     from mlflow import MlflowClient
 
+    hide_run_urls(uri)
     return MlflowClient(uri)
 
 
@@ -144,7 +159,7 @@ def end_run(mlflow_client, run_id: str, status: str, reason: str | None = None) 
     from mlflow.entities import RunTag
 
     if reason:
-        mlflow_client.log_batch(run_id, tags=[RunTag(ERROR_TAG, reason[:MAX_REASON])])
+        mlflow_client.log_batch(run_id, tags=[RunTag(ERROR_TAG, redact(reason)[:MAX_REASON])])
     mlflow_client.set_terminated(run_id, status)
 
 
@@ -233,8 +248,8 @@ def open_sweep(experiment_name: str, uri: str) -> tuple[str, str, str]:
     try:
         exp_id = ensure_experiment(experiment_name, uri)
     except Exception as err:
-        raise RuntimeError(f"MLflow at {uri} cannot be reached or refused the experiment {experiment_name!r} "
-                           f"({type(err).__name__}: {str(err)[:300]}); start the tracking server (see the "
+        raise RuntimeError(f"MLflow at {redact(uri)} cannot be reached or refused the experiment "
+                           f"{experiment_name!r} ({type(err).__name__}: {redact(str(err))[:300]}); start the tracking server (see the "
                            "README) or run with tracking=off") from err
     dead = mark_dead_runs(exp_id, uri)
     if dead:
@@ -257,7 +272,7 @@ def close_sweep(uri: str | None, experiment_id: str, run_id: str) -> None:
         reason = f"{len(bad)} of {len(children)} jobs failed: {', '.join(bad)}" if bad else None
         end_run(c, run_id, "FAILED" if bad else "FINISHED", reason)
     except Exception as err:   # noqa: BLE001 - the jobs' results matter more than the parent's status
-        print(f"could not end the sweep's parent run {run_id}: {err}", flush=True)
+        print(f"could not end the sweep's parent run {run_id}: {redact(str(err))}", flush=True)
 
 
 def terminate_parent_run(reason: str, tracking_uri: str | None = None) -> None:
@@ -269,7 +284,7 @@ def terminate_parent_run(reason: str, tracking_uri: str | None = None) -> None:
     try:
         end_run(client(tracking_uri), run_id, "FAILED", reason)
     except Exception as err:   # never hide the sweep's own error behind a logging one
-        print(f"could not mark the sweep's MLflow run {run_id} as failed: {err}", file=sys.stderr)
+        print(f"could not mark the sweep's MLflow run {run_id} as failed: {redact(str(err))}", file=sys.stderr)
 
 
 # ------------------------------------------------------------ a job's run
@@ -296,8 +311,10 @@ class JobRun:
             return
         if run_id or resolve:
             self.remote = MLflowSink(run_id, job.tracking.uri, resolve=resolve)
+        # the steps each key logged, not the largest one: a damaged step (55 -> 955) must
+        # not drop every later point; the resume point is the checkpoint's
         self.sink = SkipLogged(TeeSink(JsonlSink(self.run_dir / METRICS_FILE), self.remote or NullSink()),
-                               self.previous.last_steps())
+                               self.previous.metrics)
 
     # ------------------------------------------------------------ open
     @classmethod
@@ -311,6 +328,7 @@ class JobRun:
         if job.tracking.backend == "off":
             return cls(job, run_dir)
         quiet_http_retries()
+        hide_run_urls(job.tracking.uri)
         uri, saved = job.tracking.uri, _saved_run_id(run_dir)
         try:
             exp_id = os.environ.get(ENV_EXPERIMENT_ID)
@@ -343,8 +361,8 @@ class JobRun:
             final = local.metrics.get(names.VAL_LOSS_FINAL, {})
             return cls(job, run_dir, saved, finished=True, final_loss=final[max(final)] if final else None,
                        previous=local)
-        shout(f"MLflow at {job.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default URI'} "
-              f"cannot be reached ({type(err).__name__}: {str(err)[:200]}); training goes on, metrics go to "
+        uri = redact(job.tracking.uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default URI')
+        shout(f"MLflow at {uri} cannot be reached ({type(err).__name__}: {redact(str(err))[:200]}); training goes on, metrics go to "
               f"{run_dir / METRICS_FILE} and are delivered when the server is back")
         if saved:
             return cls(job, run_dir, saved, resumed=True, previous=local)
@@ -364,9 +382,9 @@ class JobRun:
         sweep_id of the first sweep stays) and the config artifacts; mark the run RUNNING."""
         import yaml
 
-        config_yaml = config_yaml if config_yaml is not None else self._config_yaml()
+        config_yaml = redact(config_yaml if config_yaml is not None else self._config_yaml())
         overrides = overrides if overrides is not None else _hydra_overrides()
-        overrides_yaml = yaml.safe_dump(list(overrides), default_flow_style=False)
+        overrides_yaml = redact(yaml.safe_dump(list(overrides), default_flow_style=False))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(config_yaml)
         (self.run_dir / OVERRIDES_FILE).write_text(overrides_yaml)
@@ -413,7 +431,7 @@ class JobRun:
         try:
             self._end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
         except Exception as log_err:   # never hide the original error behind a logging one
-            print(f"could not mark the run as failed: {log_err}", file=sys.stderr)
+            print(f"could not mark the run as failed: {redact(str(log_err))}", file=sys.stderr)
 
     def _end(self, status: str, reason: str | None = None) -> None:
         if reason:
@@ -503,6 +521,7 @@ def replay(run_dir: str | Path, uri: str | None = None, timeout: float = 300.0) 
     if run_id is None:
         raise FileNotFoundError(f"no {RUN_ID_FILE} in {run_dir}: not a run folder of a tracked job")
     quiet_http_retries()
+    hide_run_urls(uri)
     local = read_jsonl(run_dir / METRICS_FILE)
     sink = MLflowSink(run_id, uri)
     sent = replay_missing(local, sink)

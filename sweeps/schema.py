@@ -11,6 +11,7 @@ __post_init__ validation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -35,8 +36,10 @@ class BudgetConfig:
             raise ValueError(f"give exactly one of budget.tokens or budget.flops, got both {given} "
                              "(null one of them, e.g. budget.tokens=null)")
         for key, value in given.items():
-            if value <= 0:
-                raise ValueError(f"budget.{key} must be > 0, got {value}")
+            if not math.isfinite(value) or value <= 0:
+                example = "2e6" if key == "tokens" else "1e15"
+                raise ValueError(f"budget.{key} must be a finite number > 0 (e.g. budget.{key}={example}), "
+                                 f"got {value}")
 
 
 @dataclass

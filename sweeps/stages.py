@@ -72,9 +72,9 @@ class Pretrain(Stage):
 
     def missing(self, job: JobConfig) -> list[str]:
         path = job.model.init_from
-        return [f"model.init_from={path} (model={job.model.name}'s backbone) is not on disk: put the checkpoint "
-                "there, or point paths.models_dir ($POLAR_MODELS_DIR) or model.init_from at it"] \
-            if path and not Path(path).exists() else []
+        return ([f"model.init_from={path} (model={job.model.name}'s backbone) is not on disk: put the checkpoint "
+                 "there, or point paths.models_dir ($POLAR_MODELS_DIR) or model.init_from at it"]
+                if path and not Path(path).exists() else []) + _missing_data_dirs(job)
 
     def check(self, job: JobConfig) -> None:
         from polar.model import check_backbone, checkpoint_shape
@@ -147,6 +147,14 @@ assert tuple(STAGES) == schema.STAGES, "sweeps.schema.STAGES and sweeps.stages.S
 
 def stage_of(job: JobConfig):
     return STAGES[job.stage]
+
+
+def _missing_data_dirs(job: JobConfig) -> list[str]:
+    """The data config's local folders (hf policies, a tokenizer) that are not directories."""
+    from polar.config import missing_dir
+
+    return [missing_dir(path, key) for key, path in job.data.local_dirs(uses_tokenizer=not job.model.init_from)
+            if not Path(path).expanduser().is_dir()]
 
 
 def check_init_from(job: JobConfig) -> Path:

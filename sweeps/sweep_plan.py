@@ -35,6 +35,11 @@ class SweepFailed(CompactHydraException, RuntimeError):
     """A sweep whose jobs ran and at least one of them failed or was cancelled."""
 
 
+class JobError(CompactHydraException, ValueError):
+    """A single run (no -m) that must not start: its config, inputs or plan are invalid.
+    Printed as one paragraph, like a SweepError."""
+
+
 T = TypeVar("T")
 
 
@@ -49,7 +54,7 @@ class PlannedJob:
 
     @property
     def label(self) -> str:
-        return f"#{self.idx} ({' '.join(self.overrides) or 'no overrides'})"
+        return f"#{self.idx} ({shown(self.overrides) or 'no overrides'})"
 
     @property
     def name(self) -> str:
@@ -86,7 +91,7 @@ def check_every_job(job_overrides: Sequence[Sequence[str]], build: Callable[[int
         try:
             built.append(build(idx, ovs))
         except Exception as err:   # collect every bad job, then report them together
-            errors.append(f"#{idx} ({' '.join(ovs) or 'no overrides'}): {_message(err)}")
+            errors.append(f"#{idx} ({shown(ovs) or 'no overrides'}): {_message(err)}")
     if errors:
         raise SweepError(f"{len(errors)} of {len(job_overrides)} jobs of the sweep are invalid; nothing was "
                          "started:\n  " + "\n  ".join(errors))
@@ -119,6 +124,26 @@ def plan_sweep(job_overrides: Sequence[Sequence[str]], compose: Callable[[list[s
     return check_every_job(job_overrides, build, initial_idx)
 
 
+def plan_single(compose: Callable[[], JobConfig], gpu_here: bool) -> tuple[JobConfig, Plan]:
+    """A single run's (no -m) job and plan, checked as a sweep's jobs are before anything
+    starts: the config converts, its inputs are on disk and pass the stage's checks, it
+    plans, and on a machine without a GPU (gpu_here=False) derive.local_refusal lets it
+    run here. Any of these failing is one JobError naming the problem."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sweeps.derive import local_refusal
+    from sweeps.jobs import plan_job
+
+    try:
+        job = compose()
+        plan = plan_job(job)
+    except (ValueError, OSError, OmegaConfBaseException) as err:
+        raise JobError(f"the job is invalid, so nothing was started: {_message(err)}") from None
+    if not gpu_here and (refusal := local_refusal(plan, job.resources)):
+        raise JobError(f"the job was not started: {refusal}")
+    return job, plan
+
+
 def _plan(job: JobConfig) -> Plan:
     """The job's plan; from its configuration alone where its inputs are not on disk yet."""
     from sweeps.jobs import plan_job
@@ -132,8 +157,17 @@ def _missing(job: JobConfig) -> list[str]:
     return stage_of(job).missing(job)
 
 
+def shown(overrides: Iterable[str]) -> str:
+    """Overrides as printed: space-separated, a URI's credentials hidden (sweeps.runs.redact)."""
+    from sweeps.runs import redact
+
+    return redact(" ".join(overrides))
+
+
 def _message(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    from sweeps.runs import redact
+
+    text = redact(str(err)).strip() or type(err).__name__
     # OmegaConf/Hydra errors carry a multi-line "full_key: ... object_type=..." trailer
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
@@ -310,7 +344,7 @@ def varying_overrides(jobs: Sequence[PlannedJob]) -> list[str]:
         for o in j.overrides:
             key, _, value = o.partition("=")
             values.setdefault(key, set()).add(value)
-    return [" ".join(o for o in j.overrides if len(values[o.partition("=")[0]]) > 1) for j in jobs]
+    return [shown(o for o in j.overrides if len(values[o.partition("=")[0]]) > 1) for j in jobs]
 
 
 def table_rows(jobs: Sequence[PlannedJob]) -> list[list[str]]:

@@ -69,3 +69,11 @@ def test_generation_leaves_the_global_rng_alone(lm_dir):
     torch.manual_seed(7)
     policy.generate(["the cat"], max_new_tokens=4, seed=0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_relative_path_is_read_from_the_working_directory_offline(lm_dir, monkeypatch):
+    """`path: lm` is the folder lm under the working directory, loaded with no hub access."""
+    monkeypatch.chdir(lm_dir.parent)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = HFPolicy(PolicySpec(kind="hf", path="lm", name="rel"), device="cpu")
+    assert len(p.generate(["x"], max_new_tokens=3, seed=0)) == 1

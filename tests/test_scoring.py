@@ -221,3 +221,51 @@ def test_trained_model_prefers_the_references_policy(trained_dir):
         positive, negative = scorer.score(row["prompt"], row["reference"], [row["positive"], row["negative"]])
         wins += positive > negative
     assert wins / len(val_rows) >= 0.6, f"positive above negative on {wins}/{len(val_rows)} held-out triplets"
+
+
+# ---------------------------------------------------------------- CLI edges (issue 17, item 11)
+
+def test_cli_output_naming_a_directory_fails_before_scoring(tmp_path, model_dir, capsys, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    (tmp_path / "outdir").mkdir()
+    monkeypatch.setattr(RewardScorer, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(tmp_path / "outdir")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {str(tmp_path / 'outdir')!r} is a directory; give a file path" in err
+    (tmp_path / "afile").write_text("x")
+    assert main(["--model", str(model_dir), "--input", str(src), "--output", str(tmp_path / "afile" / "o.jsonl")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "in.jsonl", "outdir"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_device_cuda_without_cuda_is_a_clear_error(tmp_path, model_dir, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    assert main(["--model", str(model_dir), "--input", str(src), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "polar.score: error: device 'cuda': CUDA is not available on this machine; use cpu" in err
+
+
+def test_cli_bad_device_names_are_refused(tmp_path, model_dir, capsys):
+    from polar.score import check_device
+
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    assert main(["--model", str(model_dir), "--input", str(src), "--device", "gpu"]) == 2
+    assert "device 'gpu' is not a device name" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cuda:99"):
+        check_device("cuda:99")
+    assert check_device("cpu") == "cpu"
+
+
+def test_cli_non_utf8_input_is_named_with_file_and_line(tmp_path, model_dir, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:2])
+    src.write_bytes(src.read_bytes() + b'{"prompt": "caf\xe9", "reference": "r", "output": "o"}\n')
+    assert main(["--model", str(model_dir), "--input", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}: line 3: not UTF-8 text (byte 0xe9" in err, err
+
+
+def test_cli_input_that_is_a_directory_is_called_one(tmp_path, model_dir, capsys):
+    assert main(["--model", str(model_dir), "--input", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"input file {str(tmp_path)!r} is a directory; give a JSONL file" in err and "does not exist" not in err

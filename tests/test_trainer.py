@@ -8,7 +8,7 @@ import torch
 from polar.config import ModelConfig, TrainConfig
 from polar.model import build_model, flops_per_token
 from polar.sinks import NullSink
-from polar.trainer import CHECKPOINT, eval_steps, evaluate, fit, lr_at, throughput
+from polar.trainer import CHECKPOINT, CHECKSUMS, eval_steps, evaluate, fit, lr_at, throughput
 from tests.fixtures import DEBUG_MODEL, ListSink, seeded_model
 
 
@@ -119,6 +119,7 @@ def test_a_checkpoint_of_the_older_format_still_resumes(tiny_data, tmp_path):
     optimizer.load_state_dict(_index_keyed(new["optimizer"], half))
     torch.save({**new, "model": half.state_dict(), "optimizer": optimizer.state_dict(), "shape": _shape(half)},
                tmp_path / "cut" / CHECKPOINT)                   # ... rewritten as the old format did
+    (tmp_path / "cut" / CHECKSUMS).unlink()                     # which wrote no checksums
     resumed = fit(seeded_model(special, seed=5), train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(),
                   progress=False)
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)

@@ -60,7 +60,9 @@ def plan_jobs(hydra_context: HydraContext, config: DictConfig, job_overrides: Se
 def sweep_config(hydra_context: HydraContext, config: DictConfig, overrides: Sequence[str], idx: int) -> DictConfig:
     """One job's config as Hydra's launchers compose it (its job id and number = idx), in
     the sweep folder of the whole sweep (a ${now:...} in it resolved once, here)."""
-    log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+    from sweeps.sweep_plan import shown
+
+    log.info(f"\t#{idx} : {shown(filter_overrides(overrides))}")
     cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
     with open_dict(cfg):
         cfg.hydra.job.id = idx

@@ -25,13 +25,13 @@ class DryRunLauncher(PlanningLauncher):
         self.gpus_per_node = gpus_per_node
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sweeps.sweep_plan import job_table, print_flush
+        from sweeps.sweep_plan import job_table, print_flush, shown
 
         assert self.config is not None and self.hydra_context is not None
         if not is_polar_sweep(self.config):
             jobs = compose_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx)
             print_flush(f"Dry run: {len(jobs)} job{'s' * (len(jobs) != 1)} composed (not a POLAR sweep, so no "
-                        "plan), nothing started:\n" + "\n".join(f"  #{j.idx} {' '.join(j.overrides)}" for j in jobs))
+                        "plan), nothing started:\n" + "\n".join(f"  #{j.idx} {shown(j.overrides)}" for j in jobs))
         else:
             jobs = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, dry=True)
             print_flush(f"Dry run: {len(jobs)} job{'s' * (len(jobs) != 1)} planned, nothing started.\n")
