@@ -151,6 +151,16 @@ def sacct_runs(job_id: str, fields: tuple[str, ...] = ("State", "ElapsedRaw")) -
     return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
 
 
+LIVE_STATES = ("PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING", "SUSPENDED")
+
+
+def ended_runs(job_id: str, fields: tuple[str, ...] = ("State", "ElapsedRaw"), timeout: float = 60.0):
+    """sacct_runs once the latest run has ended: accounting may still say RUNNING for a
+    moment after a job's result file is written (and the sweep has returned)."""
+    return wait_until(lambda: (runs := sacct_runs(job_id, fields)) and runs[-1]["State"] not in LIVE_STATES and runs,
+                      timeout, what=lambda: f"sacct to record job {job_id} as ended (now {sacct_runs(job_id, fields)})")
+
+
 def sacct_states(job_id: str, all_runs: bool = False) -> list[str]:
     """States of a job's allocation from sacct: its latest run, or every run (all_runs)."""
     states = [run["State"] for run in sacct_runs(job_id, ("State",))]

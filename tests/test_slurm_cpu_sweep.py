@@ -14,9 +14,9 @@ import pytest
 from tests.fixtures import ROOT, TINY_SWEEP
 
 try:
-    from tests.slurm_util import slurm_cluster, wait_until  # noqa: F401 (fixture)
+    from tests.slurm_util import ended_runs, slurm_cluster  # noqa: F401 (fixture)
 except ImportError:  # tests/ without __init__.py
-    from slurm_util import slurm_cluster, wait_until  # noqa: F401
+    from slurm_util import ended_runs, slurm_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -42,14 +42,7 @@ def test_a_cpu_sweep_asks_for_no_gpu_and_runs(tmp_path):
     assert re.search(r"job array \d+: 1 node x no GPU, 1 task/node x 1 CPU, 1 GB/node", log), log[-3000:]
     ids = re.findall(r"#\d \S+ -> (\S+)", log)
     assert len(ids) == 2 and re.search(r"#0 \(\S+\) finished", log) and re.search(r"#1 \(\S+\) finished", log)
-    for job_id in ids:      # accounting may say RUNNING for a moment after the job's result is written
-        tres = wait_until(lambda: _accounted(job_id), timeout=60, what=f"sacct to record job {job_id} as ended")
-        assert "gpu" not in tres and "cpu=1," in tres and "COMPLETED" in tres, (job_id, tres)
+    for job_id in ids:
+        (run,) = ended_runs(job_id, ("ReqTRES", "State"))
+        assert "gpu" not in run["ReqTRES"] and "cpu=1," in run["ReqTRES"] and run["State"] == "COMPLETED", (job_id, run)
     assert len(list((tmp_path / "runs").glob("*/model/config.json"))) == 2
-
-
-def _accounted(job_id: str) -> str | None:
-    """sacct's ReqTRES|State of an ended job, None while it is pending or running."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "ReqTRES,State"], capture_output=True,
-                         text=True, timeout=15).stdout
-    return None if not out.strip() or re.search(r"\|(PENDING|RUNNING|COMPLETING)", out) else out

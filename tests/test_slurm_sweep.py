@@ -21,9 +21,9 @@ import pytest
 from tests.fixtures import ROOT, TINY_SWEEP
 
 try:
-    from tests.slurm_util import sacct_runs, slurm_cluster, wait_until  # noqa: F401 (fixture)
+    from tests.slurm_util import ended_runs, slurm_cluster, wait_until  # noqa: F401 (fixture)
 except ImportError:  # tests/ without __init__.py
-    from slurm_util import sacct_runs, slurm_cluster, wait_until  # noqa: F401
+    from slurm_util import ended_runs, slurm_cluster, wait_until  # noqa: F401
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -143,7 +143,7 @@ def test_job_hitting_its_time_limit_is_requeued_and_resumes(cluster_tmp):
     log = finish(proc, tmp, experiment, timeout=640)
     assert proc.returncode == 0, log[-3000:]
     job_id = re.search(r"#0 \S+ -> (\S+)", log).group(1)
-    runs = sacct_runs(job_id)
+    runs = ended_runs(job_id)
     states = [r["State"] for r in runs]
     assert states[-1] == "COMPLETED" and "REQUEUED" in states, runs
     client, found = mlflow_runs(tmp, experiment)
