@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
-        "data.prefix_min=4", "data.prefix_max=8", "data.response_len=8",
+        "data.prefix_min=4", "data.prefix_max=8", "data.max_response_tokens=8",
         "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
         "recipe.batch_size=8", "train.threads=1", "budget.tokens=2e4"]
 CPU_CLUSTER = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]

@@ -8,7 +8,7 @@ Hydra, so the same objects serve the CLI, the tests and the library.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Any, Optional
 
 
 def _positive(owner: str, **values: float) -> None:
@@ -128,6 +128,46 @@ class PolicySpec:
 
 
 CORPUS_SOURCES = ("stdlib", "pydoc", "kjv")  # polar.corpus.SOURCES
+CORPUS_FORMATS = ("jsonl", "parquet", "text", "arrow")
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class CorpusFiles:
+    """A corpus source of local files, read lazily with Hugging Face `datasets`: one
+    document per row (per line for format=text). `field` names the column holding the
+    text, or a list of chat messages ({role, content}), which chat policies render with
+    their own chat template."""
+
+    path: str = ""                  # a glob of local files, e.g. /data/web/*.jsonl
+    format: str = "jsonl"           # jsonl | parquet | text | arrow
+    field: str = "text"             # format=text: always "text"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("a data.corpus entry of files needs 'path' (a glob of local files), e.g. "
+                             "{path: /data/web/*.jsonl, format: jsonl, field: text}")
+        _one_of("data.corpus", "format", self.format, CORPUS_FORMATS)
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+
+def corpus_source(entry: Any) -> "str | CorpusFiles":
+    """One data.corpus entry: a built-in source's name, or CorpusFiles (from a mapping)."""
+    if isinstance(entry, CorpusFiles):
+        return entry
+    if isinstance(entry, str):
+        _one_of("data", "corpus", entry, CORPUS_SOURCES)
+        return entry
+    if isinstance(entry, dict):
+        unknown = sorted(set(entry) - {"path", "format", "field"})
+        if unknown:
+            raise ValueError(f"data.corpus entry {entry} has unknown keys {unknown}; valid: path, format, field")
+        return CorpusFiles(**entry)
+    raise ValueError(f"data.corpus entry {entry!r} is neither a built-in source {list(CORPUS_SOURCES)} nor "
+                     "files {path: GLOB, format: jsonl|parquet|text|arrow, field: NAME}")
 
 
 def cpu_policy_pool() -> list[PolicySpec]:
@@ -139,9 +179,10 @@ def cpu_policy_pool() -> list[PolicySpec]:
 
 @dataclass
 class DataConfig:
-    """What to synthesize: corpus, tokenizer, policy pool, triplet counts and lengths."""
+    """What to synthesize (corpus, tokenizer, policy pool, triplet counts and lengths) and
+    how much of it a run may use (max_epochs, which is not part of the data's identity)."""
 
-    corpus: list[str] = field(default_factory=lambda: list(CORPUS_SOURCES))
+    corpus: list[Any] = field(default_factory=lambda: list(CORPUS_SOURCES))   # names or CorpusFiles mappings
     tokenizer: str = "bpe"           # "bpe" (train offline) or a local HF tokenizer directory
     vocab_size: int = 1024           # for tokenizer=bpe
     policies: list[PolicySpec] = field(default_factory=cpu_policy_pool)
@@ -149,22 +190,27 @@ class DataConfig:
     n_val: int = 256
     prefix_min: int = 8
     prefix_max: int = 24
-    response_len: int = 24
+    max_response_tokens: int = 24    # hf policies stop at their EOS or here; n-gram policies write exactly this many
     val_fraction: float = 0.1        # share of each corpus source held out for val prefixes
     shard_size: int = 1024
     seed: int = 0
+    engine: str = "hf"               # how hf policies generate: hf (transformers) | vllm (pip install .[vllm])
+    gen_batch_size: int = 64         # prompts per generate call of an hf policy
+    max_epochs: float = 1.0          # most passes a run's budget may make over the training triplets
 
     def __post_init__(self) -> None:
         _positive("data", n_train=self.n_train, n_val=self.n_val, prefix_min=self.prefix_min,
-                  prefix_max=self.prefix_max, response_len=self.response_len,
+                  prefix_max=self.prefix_max, max_response_tokens=self.max_response_tokens,
                   vocab_size=self.vocab_size, shard_size=self.shard_size,
-                  val_fraction=self.val_fraction)
+                  val_fraction=self.val_fraction, gen_batch_size=self.gen_batch_size,
+                  max_epochs=self.max_epochs)
+        _one_of("data", "engine", self.engine, ENGINES)
         if self.prefix_min > self.prefix_max:
             raise ValueError(f"data.prefix_min={self.prefix_min} must be <= data.prefix_max={self.prefix_max}")
-        for source in self.corpus:
-            _one_of("data", "corpus", source, CORPUS_SOURCES)
         if not self.corpus:
-            raise ValueError(f"data.corpus is empty; list at least one of {list(CORPUS_SOURCES)}")
+            raise ValueError(f"data.corpus is empty; list at least one of {list(CORPUS_SOURCES)} or files "
+                             "{path: GLOB, format: jsonl|parquet|text|arrow, field: NAME}")
+        self.corpus = [corpus_source(entry) for entry in self.corpus]
         self.policies = [p if isinstance(p, PolicySpec) else PolicySpec(**p) for p in self.policies]
         if len(self.policies) < 2:
             raise ValueError(f"data.policies holds {len(self.policies)} policy; POLAR needs at least "
@@ -172,6 +218,15 @@ class DataConfig:
         names = [p.name for p in self.policies]
         if len(set(names)) != len(names):
             raise ValueError(f"data.policies has duplicate names: {sorted(names)}")
+
+    @property
+    def builtin_sources(self) -> list[str]:
+        return [s for s in self.corpus if isinstance(s, str)]
+
+    @property
+    def source_names(self) -> list[str]:
+        """Each corpus source's name: a built-in's, or a file source's glob."""
+        return [s if isinstance(s, str) else s.name for s in self.corpus]
 
     def local_dirs(self, uses_tokenizer: bool = True) -> list[tuple[str, str]]:
         """(config key, path) of every local directory this config names: each hf policy's

@@ -14,8 +14,27 @@ import inspect
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 
 SOURCES = ("stdlib", "pydoc", "kjv")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What a policy continues. `text` is the prompt the reward model sees (and what a base
+    policy continues); a chat prompt also keeps its `messages` ({role, content} dicts),
+    which each chat policy renders with its own chat template."""
+
+    text: str
+    messages: tuple | None = None
+
+    def to_json(self) -> dict:
+        return {"prompt": self.text, **({"messages": list(self.messages)} if self.messages else {})}
+
+    @classmethod
+    def from_json(cls, row: dict) -> "Prompt":
+        messages = row.get("messages")
+        return cls(row["prompt"], tuple(messages) if messages else None)
 _STDLIB_SKIP = ("antigravity", "this", "idlelib", "tkinter", "turtle", "test", "lib2to3",
                 "ensurepip", "venv", "__main__", "pydoc_data")
 

@@ -81,7 +81,7 @@ def synthesize_shard(pool, prefixes: list[str], cfg: DataConfig, rng: np.random.
     for index, wanted in requests.items():
         if not wanted:
             continue
-        texts = pool[index].generate([prefixes[row] for row, _ in wanted], cfg.response_len,
+        texts = pool[index].generate([prefixes[row] for row, _ in wanted], cfg.max_response_tokens,
                                      seed=int(rng.integers(2**31)))
         for (row, field), text in zip(wanted, texts):
             rows[row][field] = text

@@ -50,7 +50,7 @@ def sequence_lengths(data: DataConfig) -> tuple[float, float]:
     """(mean sequence length, tokens per triplet). A sequence is BOS P R <|reward|> P O END,
     two per triplet: tokens, and so compute, are data terms (what POLAR counts), whatever
     the training path does to go faster (packing computes the shared prefix once)."""
-    p, r = data.mean_prefix_len, data.response_len
+    p, r = data.mean_prefix_len, data.max_response_tokens
     seq = 3 + 2 * p + r + r
     return seq, 2 * seq
 

@@ -89,7 +89,7 @@ def tiny_data_config(**overrides) -> DataConfig:
     policies = [PolicySpec(order=o, source=s, temperature=t)
                 for o in (1, 2) for s in ("pydoc", "stdlib") for t in (0.7, 1.3)]
     base = dict(corpus=["pydoc", "stdlib"], vocab_size=512, policies=policies, n_train=256, n_val=64,
-                prefix_min=6, prefix_max=12, response_len=12, shard_size=128, seed=0)
+                prefix_min=6, prefix_max=12, max_response_tokens=12, shard_size=128, seed=0)
     return DataConfig(**{**base, **overrides})
 
 
@@ -98,7 +98,7 @@ def easy_data_config() -> DataConfig:
     debug model learns in a few dozen steps."""
     return tiny_data_config(policies=[PolicySpec(order=1, source="pydoc", temperature=0.3),
                                       PolicySpec(order=1, source="stdlib", temperature=2.0)],
-                            n_train=512, response_len=16)
+                            n_train=512, max_response_tokens=16)
 
 
 def synthesized_triplets(cfg: DataConfig, tokenizer, out: Path):
@@ -146,7 +146,7 @@ class ListSink:
 # `python -m sweeps.run` in seconds: a two-source, three-policy data set of 128 short
 # triplets, batches of 8, one thread per job; tests add model, budget and evaluations
 TINY_SWEEP = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
-              "data.prefix_min=4", "data.prefix_max=8", "data.response_len=8",
+              "data.prefix_min=4", "data.prefix_max=8", "data.max_response_tokens=8",
               "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
               "recipe.batch_size=8", "train.threads=1"]
 

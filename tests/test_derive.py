@@ -11,7 +11,7 @@ from sweeps.schema import ResourcesConfig
 from tests.fixtures import model_preset
 
 M = ModelConfig(name="1m")
-D = DataConfig(prefix_min=4, prefix_max=12, response_len=16)
+D = DataConfig(prefix_min=4, prefix_max=12, max_response_tokens=16)
 T = TrainSettings()
 
 
@@ -105,5 +105,5 @@ def test_packing_plans_the_same_run_in_data_terms():
     packing changes speed, never steps, batch, LR, tokens or compute."""
     naive = plan_run(M, D, T, tokens=1e6, flops=None, recipe=FixedRecipe(batch_size=16))
     packed = plan_run(M, D, TrainSettings(packing=True), tokens=1e6, flops=None, recipe=FixedRecipe(batch_size=16))
-    p, r = D.mean_prefix_len, D.response_len
+    p, r = D.mean_prefix_len, D.max_response_tokens
     assert packed == naive and packed.tokens_per_triplet == 2 * (3 + 2 * p + 2 * r)

@@ -200,7 +200,7 @@ def trained_dir(tokenizer, cache_dir, tmp_path_factory):
     from tests.fixtures import synthesized_triplets, tiny_data_config
 
     policies = [PolicySpec(order=1, source=s, temperature=1.0) for s in ("pydoc", "stdlib")]
-    cfg = tiny_data_config(policies=policies, n_train=2048, response_len=24)
+    cfg = tiny_data_config(policies=policies, n_train=2048, max_response_tokens=24)
     data = cache_dir / "scoring-data"
     train, val, special = synthesized_triplets(cfg, tokenizer, data)
     shape = ModelConfig(name="tiny64", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
