@@ -45,7 +45,7 @@ def data_tokenizer(data: DataConfig, model: ModelConfig, cache_dir: str | Path):
         return backbone_tokenizer(model.init_from), f"backbone:{Path(model.init_from).resolve()}"
     if data.tokenizer == "bpe":
         return (cached_bpe(data.corpus, data.vocab_size, Path(cache_dir)),
-                f"bpe-{data.vocab_size}-{'-'.join(data.corpus)}")
+                f"bpe-{data.vocab_size}-{'-'.join(data.source_names)}")
     return load_tokenizer(data.tokenizer), str(Path(data.tokenizer).resolve())
 
 
