@@ -39,15 +39,23 @@ def train_bpe(texts: list[str], vocab_size: int, out_dir: str | Path):
     return fast
 
 
-def cached_bpe(sources: list[str], vocab_size: int, cache_dir: str | Path):
-    """The BPE tokenizer for these corpus sources, trained once and then loaded."""
-    from polar.corpus import load_text
+def cached_bpe(sources: list, vocab_size: int, cache_dir: str | Path):
+    """The BPE tokenizer for these corpus sources (built-in names or polar.config.CorpusFiles),
+    trained once on polar.corpus.corpus_texts and then loaded. Its cache key holds the
+    sources: built-ins by name, file sources by path, format and field (not their content:
+    files changed under the same glob reuse the tokenizer trained before)."""
+    from dataclasses import asdict
 
-    key = hashlib.sha256(json.dumps({"sources": sources, "vocab": vocab_size, "v": 1}).encode()).hexdigest()[:16]
+    from polar.config import corpus_source
+    from polar.corpus import corpus_texts
+
+    entries = [corpus_source(s) for s in sources]
+    names = [s if isinstance(s, str) else asdict(s) for s in entries]   # built-ins only: the same key as before files
+    key = hashlib.sha256(json.dumps({"sources": names, "vocab": vocab_size, "v": 1}).encode()).hexdigest()[:16]
     path = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}"
     if (path / "tokenizer.json").exists():
         return load_tokenizer(path)
-    return train_bpe([load_text(s) for s in sources], vocab_size, path)
+    return train_bpe(corpus_texts(entries, cache_dir=Path(cache_dir) / "hf_datasets"), vocab_size, path)
 
 
 def load_tokenizer(path: str | Path):
