@@ -148,7 +148,7 @@ class ListSink:
 TINY_SWEEP = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
               "data.prefix_min=4", "data.prefix_max=8", "data.max_response_tokens=8",
               "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
-              "recipe.batch_size=8", "train.threads=1"]
+              "recipe.batch_size=8", "train.threads=1", "data.max_epochs=1000"]   # a tiny set, many passes
 
 
 def job_config(*overrides: str):
@@ -201,4 +201,25 @@ def tiny_backbone(arch: str, path: Path, seed: int = 0) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     tiny_causal_lm(arch, path, vocab_size=len(tok), seed=seed)
     tok.save_pretrained(path)
+    return path
+
+
+def eos_prone_lm(arch: str, path, tokenizer, eos_weight: float = 0.25):
+    """A tiny random causal LM whose EOS has a real chance at every step: one embedding
+    dimension is constant, so the final hidden state always points along it, and the EOS
+    row of the (untied) LM head reads it. eos_weight=0 leaves the plain random model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tiny_causal_lm(arch, path, vocab_size=len(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    eos = tokenizer.eos_token_id
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 1.0
+        model.get_output_embeddings().weight[eos, 0] = eos_weight
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = eos, tokenizer.pad_token_id, \
+            tokenizer.bos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
