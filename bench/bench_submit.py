@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
         "data.prefix_min=4", "data.prefix_max=8", "data.max_response_tokens=8",
         "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
-        "recipe.batch_size=8", "train.threads=1", "budget.tokens=2e4"]
+        "recipe.batch_size=8", "train.threads=1", "budget.tokens=2e4", "data.max_epochs=1000"]
 CPU_CLUSTER = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1"]
 PROBE = '''
 import os, time
@@ -90,13 +90,13 @@ def bench_submission(tmp: Path, n: int) -> None:
 def bench_ladder(tmp: Path) -> None:
     from hydra import compose, initialize_config_dir
 
-    from sweeps.jobs import prepare_shared_data
+    from sweeps.data_sets import needed, synthesize_missing
     from sweeps.schema import register, to_job_config
 
     register()   # build the shared data once, as a sweep's first job would
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         job = to_job_config(compose("config", ["+experiment=cpu_ladder", f"paths.cache_dir={tmp}/cache"]))
-    prepare_shared_data([job])
+    synthesize_missing(needed([job]))
     probe_dir = tmp / "probe"
     probe_dir.mkdir()
     site = tmp / "site"

@@ -262,6 +262,7 @@ class TrainSettings:
     device: str = "auto"             # auto (a GPU where there is one, else the CPU) | cpu | cuda
     threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
     dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    data_workers: int = 0            # DataLoader processes collating batches; 0 = in the training process
     parallel: str = "auto"           # with several ranks: ddp | fsdp | auto (fsdp where one GPU cannot hold the training state)
     seed: int = 0
 
@@ -276,6 +277,9 @@ class TrainSettings:
             raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if self.micro_batch_size < 0:
             raise ValueError(f"train.micro_batch_size must be >= 0 (0: no accumulation), got {self.micro_batch_size}")
+        if not isinstance(self.data_workers, int) or self.data_workers < 0:
+            raise ValueError(f"train.data_workers must be an integer >= 0 (0: collate in the training process), "
+                             f"got {self.data_workers!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
 

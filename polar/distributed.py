@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -173,14 +174,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def shard(batch, env: DistEnv | None = None):
-    """This rank's contiguous share of a global batch of triplets (TokenTriplets)."""
+    """This rank's contiguous share of a global batch: of triplets (TokenTriplets), or of
+    their indices (a numpy array: what fit reads, so a rank reads only its own rows)."""
     env = env or dist_env()
     if len(batch) % env.world_size:
         raise ValueError(f"global batch of {len(batch)} triplets does not split evenly over "
                          f"{env.world_size} ranks; choose a batch size (recipe.batch_size) that is a multiple of "
                          "the world size")
     per = len(batch) // env.world_size
-    return batch.subset(range(env.rank * per, (env.rank + 1) * per))
+    rows = range(env.rank * per, (env.rank + 1) * per)
+    return batch[rows.start:rows.stop] if isinstance(batch, np.ndarray) else batch.subset(rows)
 
 
 def mean_across(value: float) -> float:

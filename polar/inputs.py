@@ -2,7 +2,8 @@
 
 - `pretrain_inputs`: the tokenizer (a pre-trained backbone's own; else a small BPE trained
   offline, or a tokenizer directory), the synthesized data set (cached by content; its
-  hash is the data_id), its token triplets, and the model: the backbone's weights with a
+  hash is the data_id), its token ids (polar.data.TokenShards: tokenized once per data set
+  and tokenizer, memory-mapped, never held as lists), and the model: the backbone's weights with a
   new value head, or a randomly initialised model of the preset's shape.
 - `finetune_inputs`: a saved POLAR model directory, its own tokenizer, and the
   reference implementation's preference JSONL as token triplets (data_id: a hash of the
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from polar.config import DataConfig, ModelConfig
-from polar.data import TokenTriplets
+from polar.data import TokenShards, TokenTriplets
 from polar.template import Layout
 
 
@@ -29,12 +30,23 @@ class RunInputs:
     model: Any                      # a polar.model reward model (a ...ForSequenceClassification), on the CPU
     tokenizer: Any
     special: dict[str, int]         # bos, sep, reward, pad ids (polar.tokenizer.special_ids)
-    train: TokenTriplets
-    val: TokenTriplets
+    train: TokenShards | TokenTriplets     # pre-training: memory-mapped; fine-tuning: lists
+    val: TokenShards | TokenTriplets
     data_id: str
 
 
 # ---------------------------------------------------------------- pre-training
+
+def tokenizer_id(data: DataConfig, model: ModelConfig) -> str:
+    """The identity of the tokenizer a data set's prefixes are cut with (part of its
+    cache key), without loading it: a backbone's folder, the small BPE's settings, or the
+    tokenizer folder."""
+    if model.init_from:
+        return f"backbone:{Path(model.init_from).resolve()}"
+    if data.tokenizer == "bpe":
+        return f"bpe-{data.vocab_size}-{'-'.join(data.source_names)}"
+    return str(Path(data.tokenizer).resolve())
+
 
 def data_tokenizer(data: DataConfig, model: ModelConfig, cache_dir: str | Path):
     """(tokenizer, its identity for the data set's cache key): a pre-trained backbone's own
@@ -42,31 +54,38 @@ def data_tokenizer(data: DataConfig, model: ModelConfig, cache_dir: str | Path):
     from polar.tokenizer import backbone_tokenizer, cached_bpe, load_tokenizer
 
     if model.init_from:
-        return backbone_tokenizer(model.init_from), f"backbone:{Path(model.init_from).resolve()}"
-    if data.tokenizer == "bpe":
-        return (cached_bpe(data.corpus, data.vocab_size, Path(cache_dir)),
-                f"bpe-{data.vocab_size}-{'-'.join(data.source_names)}")
-    return load_tokenizer(data.tokenizer), str(Path(data.tokenizer).resolve())
+        tok = backbone_tokenizer(model.init_from)
+    elif data.tokenizer == "bpe":
+        tok = cached_bpe(data.corpus, data.vocab_size, Path(cache_dir))
+    else:
+        tok = load_tokenizer(data.tokenizer)
+    return tok, tokenizer_id(data, model)
+
+
+def data_dir(data: DataConfig, model: ModelConfig, cache_dir: str | Path) -> Path:
+    """Where the data set of `data`, cut with the job's tokenizer, lives (synthesized or not)."""
+    from polar.synthesis import config_key
+
+    return Path(cache_dir) / "data" / config_key(data, tokenizer_id(data, model))
 
 
 def synthesized_data(data: DataConfig, model: ModelConfig, cache_dir: str | Path):
     """(tokenizer, data folder, manifest) of a data config, synthesized when not cached yet."""
-    from polar.synthesis import config_key, synthesize
+    from polar.synthesis import synthesize
 
-    tok, tok_id = data_tokenizer(data, model, cache_dir)
+    tok, _ = data_tokenizer(data, model, cache_dir)
     if not model.init_from and len(tok) > model.vocab_size:   # a backbone's embedding grows to its tokenizer
         raise ValueError(f"the tokenizer has {len(tok)} tokens but model.vocab_size={model.vocab_size}; "
                          "use a model preset with a vocabulary at least as large")
-    data_dir = Path(cache_dir) / "data" / config_key(data, tok_id)
-    return tok, data_dir, synthesize(data, tok, data_dir)   # reads the manifest when the data set exists
+    where = data_dir(data, model, cache_dir)
+    return tok, where, synthesize(data, tok, where)   # reads the manifest when the data set exists
 
 
 def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path, seed: int) -> RunInputs:
     import torch
 
-    from polar.data import tokenize_triplets
+    from polar.data import token_shards
     from polar.model import build_model, load_backbone
-    from polar.synthesis import read_split
     from polar.tokenizer import special_ids
 
     tok, data_dir, manifest = synthesized_data(data, model, cache_dir)
@@ -77,8 +96,8 @@ def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path,
     else:
         net = build_model(model, bos_token_id=special["bos"], pad_token_id=special["pad"],
                           reward_token_id=special["reward"], sep_token_id=special["sep"])
-    return RunInputs(net, tok, special, tokenize_triplets(read_split(data_dir, "train"), tok),
-                     tokenize_triplets(read_split(data_dir, "val"), tok), manifest["data_id"])
+    return RunInputs(net, tok, special, token_shards(data_dir, "train", tok), token_shards(data_dir, "val", tok),
+                     manifest["data_id"])
 
 
 # ---------------------------------------------------------------- fine-tuning

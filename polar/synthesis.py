@@ -1,25 +1,41 @@
 """Synthesis: corpus prefixes -> policy trajectories -> (reference, positive, negative) triplets.
 
 For each prefix two distinct policies A and B are drawn from the pool; A writes the
-reference and the positive, B the negative. Prefixes for the validation set come from a
-held-out tail of every corpus source. The output is a folder of JSONL shards with a
-manifest; its content hash is the data_id. Shard i depends only on (seed, split, i), so
-an interrupted synthesis resumes at the first missing shard and the same seed gives the
-same data. Shards are written to a temporary name and renamed: a half-written shard is
-never read. The manifest holds each shard's size and sha256: every process checks a shard
-against them before its first use (hashed once per process, `polar.integrity`);
-`synthesize` regenerates a missing or damaged shard from the config, and `read_split`
-refuses one (DataError, naming the file), so a data_id always names the same triplets.
+reference and the positive, B the negative. Synthesis runs in three resumable steps, in
+a data set's folder (`out`):
+
+1. plan (`prepare`): every shard's prefixes with their pairs (A, B) and one generation
+   seed per policy, a pure function of the config's seed (`plan/SPLIT-NNNNN.json`); the
+   config and the tokenizer are saved beside them (`synthesis.json`, `tokenizer/`), so a
+   unit of work anywhere (a SLURM array task) needs only the folder;
+2. units of work (`run_units`): one per (policy, shard) that has requests. A unit loads
+   ONE policy, generates all of that policy's requests of the shard in batches and writes
+   an atomic part file (`parts/SPLIT-NNNNN.pPPPP.jsonl`); run locally, each policy is
+   loaded once for all its units; an interrupted synthesis resumes at the first missing
+   part, and a unit's output depends only on its plan and seed;
+3. assemble (`assemble`): parts joined into triplet shards (`SPLIT-NNNNN.jsonl`) and the
+   manifest, whose content hash is the data_id; the plan and parts are then removed.
+
+`synthesize` runs all three here. Validation prefixes come from held-out text
+(polar.corpus). Files are written to a temporary name and renamed: a half-written file is
+never read; steps that write shared files hold the folder's lock. The manifest holds each
+shard's size and sha256: every process checks a shard against them before its first use
+(hashed once per process, `polar.integrity`); `synthesize` regenerates a missing or
+damaged shard from the config, and `read_split` refuses one (DataError, naming the
+file), so a data_id always names the same triplets.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
-from dataclasses import asdict
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -28,7 +44,9 @@ from polar.config import DataConfig
 from polar.integrity import file_digest
 
 MANIFEST = "manifest.json"
+SETUP = "synthesis.json"
 FIELDS = ("prompt", "reference", "positive", "negative", "policy_a", "policy_b")
+SPLITS = ("train", "val")
 
 log = logging.getLogger(__name__)
 
@@ -38,60 +56,267 @@ class DataError(ValueError):
     or an unreadable manifest); the message names the files and what to do."""
 
 
-def corpus_token_ids(sources: Sequence[str], tokenizer) -> dict[str, np.ndarray]:
-    from polar.corpus import load_text
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: policy `policy` (its index in the pool) writes its requests of
+    one shard."""
 
-    out = {}
-    for source in sources:
-        text = load_text(source)
-        out[source] = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
-    return out
+    split: str
+    shard: int
+    policy: int
+    name: str                 # the policy's name
+    requests: int
 
+    @property
+    def key(self) -> str:
+        return f"{self.split}-{self.shard:05d}.p{self.policy:04d}"
 
-def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    cut = int(len(ids) * (1 - val_fraction))
-    return ids[:cut], ids[cut:]
-
-
-def sample_prefixes(regions: dict[str, np.ndarray], n: int, cfg: DataConfig, rng: np.random.Generator,
-                    tokenizer) -> list[str]:
-    """n prefixes: a source drawn uniformly, then a random window of prefix_min..prefix_max tokens."""
-    sources = sorted(regions)
-    prefixes = []
-    for _ in range(n):
-        ids = regions[sources[rng.integers(len(sources))]]
-        length = int(rng.integers(cfg.prefix_min, cfg.prefix_max + 1))
-        if len(ids) <= length:
-            raise ValueError(f"a corpus region has {len(ids)} tokens, shorter than the requested prefix "
-                             f"length {length}; lower data.prefix_max or use a larger corpus")
-        start = int(rng.integers(0, len(ids) - length))
-        prefixes.append(tokenizer.decode(ids[start:start + length]))
-    return prefixes
+    def part(self, out: Path) -> Path:
+        return Path(out) / "parts" / f"{self.key}.jsonl"
 
 
-def synthesize_shard(pool, prefixes: list[str], cfg: DataConfig, rng: np.random.Generator) -> list[dict]:
-    """Triplets for these prefixes; generation is batched per policy."""
-    pairs = [rng.choice(len(pool), size=2, replace=False) for _ in prefixes]
-    requests: dict[int, list[tuple[int, str]]] = {i: [] for i in range(len(pool))}
-    for row, (a, b) in enumerate(pairs):
-        requests[a] += [(row, "reference"), (row, "positive")]
-        requests[b].append((row, "negative"))
-    rows = [{"prompt": p, "policy_a": pool[a].name, "policy_b": pool[b].name}
-            for p, (a, b) in zip(prefixes, pairs)]
-    for index, wanted in requests.items():
-        if not wanted:
-            continue
-        texts = pool[index].generate([prefixes[row] for row, _ in wanted], cfg.max_response_tokens,
-                                     seed=int(rng.integers(2**31)))
-        for (row, field), text in zip(wanted, texts):
-            rows[row][field] = text
+@contextmanager
+def locked(out: str | Path) -> Iterator[None]:
+    """The data set folder's lock (an flock on out/.lock): one process plans, assembles
+    or tokenizes at a time; the others wait, then find the work done."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------ 1. plan
+
+def shard_plan(cfg: DataConfig) -> list[tuple[str, int, int]]:
+    """(split, index, rows) of every shard."""
+    plan = []
+    for split, total in (("train", cfg.n_train), ("val", cfg.n_val)):
+        for index, start in enumerate(range(0, total, cfg.shard_size)):
+            plan.append((split, index, min(cfg.shard_size, total - start)))
+    return plan
+
+
+def plan_shard(corpus, n_policies: int, split: str, index: int, n: int, cfg: DataConfig) -> dict:
+    """The plan of one shard, from (seed, split, index) alone: its prompts, each with its
+    pair (a, b) of distinct policy indices, and one generation seed per policy with
+    requests (drawn in policy order after the pairs)."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
+    prompts = corpus.sample(split, n, cfg.prefix_min, cfg.prefix_max, rng)
+    pairs = [rng.choice(n_policies, size=2, replace=False) for _ in prompts]
+    used = sorted({int(p) for pair in pairs for p in pair})
+    seeds = {str(p): int(rng.integers(2**31)) for p in used}
+    rows = [{**prompt.to_json(), "a": int(a), "b": int(b)} for prompt, (a, b) in zip(prompts, pairs)]
+    return {"split": split, "index": index, "rows": rows, "seeds": seeds}
+
+
+def requests_of(shard: dict, policy: int) -> list[tuple[int, str]]:
+    """(row, field) pairs that `policy` writes in a planned shard, in row order: A writes
+    the reference and the positive, B the negative."""
+    wanted = []
+    for row, r in enumerate(shard["rows"]):
+        if r["a"] == policy:
+            wanted += [(row, "reference"), (row, "positive")]
+        if r["b"] == policy:
+            wanted.append((row, "negative"))
+    return wanted
+
+
+def _plan_path(out: Path, split: str, index: int) -> Path:
+    return out / "plan" / f"{split}-{index:05d}.json"
+
+
+def prepare(cfg: DataConfig, tokenizer, out_dir: str | Path, only: Sequence[tuple[str, int]] | None = None,
+            progress: bool = True) -> list[Unit]:
+    """Step 1: save the config and tokenizer, plan every shard not planned yet (or only
+    the shards `only` names) and return the units of work that have no part file yet.
+    Idempotent; the same config and seed give the same plan."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    with locked(out):
+        _save_setup(cfg, tokenizer, out)
+        todo = [(s, i, n) for s, i, n in shard_plan(cfg)
+                if (only is None or (s, i) in only) and not _plan_path(out, s, i).exists()
+                and not (out / f"{s}-{i:05d}.jsonl").exists()]
+        if todo:
+            corpus = _corpus(cfg, tokenizer, out)
+            for split, index, n in tqdm(todo, desc=f"plan {out.name}", unit="shard", disable=not progress):
+                write_text_atomic(_plan_path(out, split, index),
+                                  json.dumps(plan_shard(corpus, len(cfg.policies), split, index, n, cfg),
+                                             ensure_ascii=False))
+    return pending_units(out)
+
+
+def _corpus(cfg: DataConfig, tokenizer, out: Path):
+    from polar.corpus import Corpus
+
+    return Corpus(cfg.corpus, tokenizer, cfg.val_fraction, seed=cfg.seed, cache_dir=out.parent.parent)   # paths.cache_dir/hf_datasets
+
+
+def _save_setup(cfg: DataConfig, tokenizer, out: Path) -> None:
+    if not (out / "tokenizer").is_dir():
+        from polar.atomic import atomic_path
+
+        with atomic_path(out / "tokenizer", keep_existing=True) as tmp:
+            tokenizer.save_pretrained(tmp)
+    if not (out / SETUP).exists():
+        write_text_atomic(out / SETUP, json.dumps({"config": asdict(cfg)}, indent=1, default=str))
+
+
+def load_setup(out_dir: str | Path) -> tuple[DataConfig, object]:
+    """(DataConfig, tokenizer) saved by `prepare` in a data set's folder."""
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    try:
+        setup = json.loads((out / SETUP).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"{out / SETUP} cannot be read ({err}): {out} was not prepared for synthesis "
+                        "(polar.synthesis.prepare)") from None
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
+    return DataConfig(**setup["config"]), tokenizer
+
+
+def pending_units(out_dir: str | Path) -> list[Unit]:
+    """Units of the planned shards whose part file is missing, policy by policy."""
+    out = Path(out_dir)
+    cfg = json.loads((out / SETUP).read_text(encoding="utf-8"))["config"]
+    names = [p["name"] for p in cfg["policies"]]
+    units = []
+    for path in sorted((out / "plan").glob("*.json")):
+        shard = json.loads(path.read_text(encoding="utf-8"))
+        for policy in map(int, shard["seeds"]):
+            unit = Unit(shard["split"], shard["index"], policy, names[policy], len(requests_of(shard, policy)))
+            if not unit.part(out).exists():
+                units.append(unit)
+    return sorted(units, key=lambda u: (u.policy, u.split, u.shard))
+
+
+# ------------------------------------------------------------------ 2. units of work
+
+def run_units(out_dir: str | Path, units: Sequence[Unit], progress: bool = True, device: str | None = None,
+              cfg: DataConfig | None = None, tokenizer=None) -> None:
+    """Step 2 for these units: each policy loaded once, for all of its units here, then
+    freed. A unit that fails names its policy, shard and part; parts already written stay."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    if not units:
+        return
+    if cfg is None or tokenizer is None:
+        cfg, tokenizer = load_setup(out)
+    corpus = _corpus(cfg, tokenizer, out)
+    bar = tqdm(total=len(units), desc=f"synthesize {out.name}", unit="unit", disable=not progress)
+    for policy in sorted({u.policy for u in units}):
+        mine = [u for u in units if u.policy == policy and not u.part(out).exists()]
+        if mine:
+            _run_policy(out, cfg, tokenizer, corpus, mine, device, bar)
+        bar.update(len([u for u in units if u.policy == policy]) - len(mine))
+    bar.close()
+
+
+def _run_policy(out: Path, cfg: DataConfig, tokenizer, corpus, units: list[Unit], device, bar) -> None:
+    from polar.policies import load_policy
+
+    spec = cfg.policies[units[0].policy]
+    corpus_ids = {s: corpus.token_ids(s) for s in cfg.builtin_sources if spec.kind == "ngram" and s == spec.source}
+    policy = load_policy(spec, tokenizer=tokenizer, corpus_ids=corpus_ids, engine=cfg.engine,
+                         batch_size=cfg.gen_batch_size, device=device)
+    try:
+        for unit in units:
+            try:
+                _run_unit(out, cfg, policy, unit)
+            except Exception as err:
+                raise RuntimeError(f"synthesis unit {unit.key} failed: policy {unit.name!r} on shard "
+                                   f"{unit.split}-{unit.shard:05d} ({type(err).__name__}: {err}); the parts "
+                                   f"already written in {out / 'parts'} are kept") from err
+            bar.update(1)
+    finally:
+        policy.close()
+
+
+def _run_unit(out: Path, cfg: DataConfig, policy, unit: Unit) -> None:
+    from polar.corpus import Prompt
+
+    shard = json.loads(_plan_path(out, unit.split, unit.shard).read_text(encoding="utf-8"))
+    wanted = requests_of(shard, unit.policy)
+    prompts = [Prompt.from_json(shard["rows"][row]) for row, _ in wanted]
+    texts = policy.generate(prompts, cfg.max_response_tokens, seed=shard["seeds"][str(unit.policy)])
+    lines = "".join(json.dumps({"row": row, "field": field, "text": text}, ensure_ascii=False) + "\n"
+                    for (row, field), text in zip(wanted, texts))
+    write_text_atomic(unit.part(out), lines)
+
+
+def run_unit_task(out_dir: str, keys: Sequence[str]) -> int:
+    """A SLURM array task: run the units named by `keys` (Unit.key) of a prepared data
+    set; returns how many ran (parts already there are skipped)."""
+    wanted = set(keys)
+    units = [u for u in pending_units(out_dir) if u.key in wanted]
+    run_units(out_dir, units, progress=False)
+    return len(units)
+
+
+# ------------------------------------------------------------------ 3. assemble
+
+def assemble(out_dir: str | Path, cfg: DataConfig) -> dict:
+    """Step 3: join the parts into triplet shards and write the manifest; the plan and
+    the parts are removed once the manifest is written. Refuses (DataError, naming the
+    units) while parts are missing."""
+    out = Path(out_dir)
+    with locked(out):
+        if (out / MANIFEST).exists():
+            return read_manifest(out)
+        _assemble_shards(out, cfg)
+        manifest = _write_manifest(out, cfg, shard_plan(cfg))
+        shutil.rmtree(out / "parts", ignore_errors=True)
+        shutil.rmtree(out / "plan", ignore_errors=True)
+        return manifest
+
+
+def _assemble_shards(out: Path, cfg: DataConfig) -> None:
+    missing = pending_units(out)
+    if missing:
+        raise DataError(f"data set {out}: {len(missing)} units of work have not written their parts yet "
+                        f"({', '.join(u.key for u in missing[:5])}{' ...' if len(missing) > 5 else ''}); run "
+                        "them first (polar.synthesis.run_units, or the synthesis job arrays)")
+    names = [p.name for p in cfg.policies]
+    for split, index, _ in shard_plan(cfg):
+        path = out / f"{split}-{index:05d}.jsonl"
+        if not path.exists():
+            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                            for r in _triplets(out, split, index, names)))
+
+
+def _triplets(out: Path, split: str, index: int, names: list[str]) -> list[dict]:
+    """A shard's rows: prompt (and chat messages), the pair's names, then the texts each
+    policy wrote, policy by policy (the key order of the original single-process writer)."""
+    shard = json.loads(_plan_path(out, split, index).read_text(encoding="utf-8"))
+    rows = []
+    for r in shard["rows"]:
+        row = {"prompt": r["prompt"], "policy_a": names[r["a"]], "policy_b": names[r["b"]]}
+        if r.get("messages"):
+            row["messages"] = r["messages"]
+        rows.append(row)
+    for policy in sorted(map(int, shard["seeds"])):
+        unit = Unit(split, index, policy, names[policy], 0)
+        with open(unit.part(out), encoding="utf-8") as f:
+            for line in f:
+                item = json.loads(line)
+                rows[item["row"]][item["field"]] = item["text"]
     return rows
 
 
+# ------------------------------------------------------------------ all three, here
+
 def synthesize(cfg: DataConfig, tokenizer, out_dir: str | Path, progress: bool = True) -> dict:
-    """Write (or finish writing) the shards and manifest of `cfg` into out_dir; return the
-    manifest. A data set already written is checked against its manifest, and a missing or
-    damaged shard regenerated (the same seed gives the same shard)."""
+    """Write (or finish writing) the data set of `cfg` into out_dir and return its
+    manifest: plan, the pending units one policy at a time, assemble. A data set already
+    written is checked against its manifest, and a missing or damaged shard regenerated
+    (the same seed gives the same shard)."""
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         manifest = read_manifest(out)
@@ -99,31 +324,9 @@ def synthesize(cfg: DataConfig, tokenizer, out_dir: str | Path, progress: bool =
         if damaged:
             _regenerate(cfg, tokenizer, out, manifest, damaged, progress)
         return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    plan = _shard_plan(cfg)
-    _write_shards(cfg, tokenizer, out, plan, progress)
-    return _write_manifest(out, cfg, plan)
-
-
-def _write_shards(cfg: DataConfig, tokenizer, out: Path, plan, progress: bool) -> None:
-    """Write every shard of `plan` that is not in out yet."""
-    from tqdm import tqdm
-
-    from polar.policies import build_pool
-
-    corpus = corpus_token_ids(cfg.corpus, tokenizer)
-    train_regions = {s: split_ids(ids, cfg.val_fraction)[0] for s, ids in corpus.items()}
-    val_regions = {s: split_ids(ids, cfg.val_fraction)[1] for s, ids in corpus.items()}
-    pool = build_pool(cfg.policies, tokenizer, train_regions)
-    bar = tqdm(plan, desc=f"synthesize {out.name}", unit="shard", disable=not progress)
-    for split, index, n in bar:
-        path = out / f"{split}-{index:05d}.jsonl"
-        if path.exists():
-            continue                      # finished in an earlier, interrupted run
-        rng = np.random.default_rng([cfg.seed, 0 if split == "train" else 1, index])
-        regions = train_regions if split == "train" else val_regions
-        rows = synthesize_shard(pool, sample_prefixes(regions, n, cfg, rng, tokenizer), cfg, rng)
-        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    units = prepare(cfg, tokenizer, out, progress=progress)
+    run_units(out, units, progress=progress, cfg=cfg, tokenizer=tokenizer)
+    return assemble(out, cfg)
 
 
 def _regenerate(cfg: DataConfig, tokenizer, out: Path, manifest: dict, damaged: list[tuple[Path, str]],
@@ -132,9 +335,17 @@ def _regenerate(cfg: DataConfig, tokenizer, out: Path, manifest: dict, damaged: 
     the manifest says (the data_id would then name other triplets)."""
     log.warning("data set %s: %s; regenerating %s from its config", out,
                 "; ".join(f"{path}: {what}" for path, what in damaged), "it" if len(damaged) == 1 else "them")
+    shards = []
     for path, _ in damaged:
         path.unlink(missing_ok=True)
-    _write_shards(cfg, tokenizer, out, _shard_plan(cfg), progress)
+        split, index = path.stem.split("-")
+        shards.append((split, int(index)))
+    units = prepare(cfg, tokenizer, out, only=shards, progress=progress)
+    run_units(out, units, progress=progress, cfg=cfg, tokenizer=tokenizer)
+    with locked(out):
+        _assemble_shards(out, cfg)
+        shutil.rmtree(out / "parts", ignore_errors=True)
+        shutil.rmtree(out / "plan", ignore_errors=True)
     still = shard_problems(out, manifest)
     if still:
         raise DataError(f"shards of data set {out} regenerated from its config still differ from its manifest "
@@ -160,14 +371,6 @@ def shard_problems(out: str | Path, manifest: dict, split: str | None = None) ->
         elif file_digest(path)["sha256"] != shard["sha256"]:
             problems.append((path, "its sha256 is not the manifest's (edited or damaged)"))
     return problems
-
-
-def _shard_plan(cfg: DataConfig) -> list[tuple[str, int, int]]:
-    plan = []
-    for split, total in (("train", cfg.n_train), ("val", cfg.n_val)):
-        for index, start in enumerate(range(0, total, cfg.shard_size)):
-            plan.append((split, index, min(cfg.shard_size, total - start)))
-    return plan
 
 
 def _write_manifest(out: Path, cfg: DataConfig, plan) -> dict:
@@ -217,7 +420,9 @@ def read_split(out: str | Path, split: str) -> list[dict]:
 
 
 def config_key(cfg: DataConfig, tokenizer_id: str) -> str:
-    """Where a data set lives: a hash of everything that changes its content."""
-    blob = json.dumps({"cfg": asdict(cfg), "tok": tokenizer_id, "v": 1}, sort_keys=True, default=str)
+    """Where a data set lives: a hash of everything that changes its content (not
+    max_epochs, which bounds how a run uses it)."""
+    content = {k: v for k, v in asdict(cfg).items() if k != "max_epochs"}
+    blob = json.dumps({"cfg": content, "tok": tokenizer_id, "v": 1}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

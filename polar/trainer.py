@@ -1,7 +1,11 @@
 """Training: fit / train_step / evaluate, with atomic checkpoints and exact resume.
 
 The data order is a pure function of (seed, step) (`polar.data.batch_order`), so a run
-resumed from its checkpoint sees the same batches as an uninterrupted one. Metrics go
+resumed from its checkpoint sees the same batches as an uninterrupted one. `StepBatches`
+turns a step into this rank's collated micro-batches: each rank reads only its own share of
+the global batch (from TokenShards, memory-mapped, or TokenTriplets) and counts the step's
+tokens from the piece lengths alone; with train.data_workers > 0 a DataLoader's worker
+processes collate the next steps while this one trains, with the same result. Metrics go
 to a MetricSink; train metrics are buffered and flushed at each evaluation, just before
 the checkpoint.
 
@@ -19,9 +23,10 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +34,7 @@ import torch
 from polar import names
 from polar.atomic import atomic_path
 from polar.config import TrainConfig
-from polar.data import TokenTriplets, batch_order, naive_batch
+from polar.data import TokenShards, TokenTriplets, batch_order, naive_batch
 from polar.distributed import (
     DistEnv,
     any_rank,
@@ -100,9 +105,64 @@ def eval_steps(total: int, n_evals: int, spacing: str) -> list[int]:
 def collate(batch: TokenTriplets, special: dict[str, int], packing: bool, model=None) -> dict | PackedBatch:
     """Model inputs of a batch: shared-prefix packed rows (as wide as suits the model's
     attention kernel), or the naive (2B, T) batch."""
+    return collate_rows(batch, special, packing, row_capacity(model) if packing and model is not None else None)
+
+
+def collate_rows(batch: TokenTriplets, special: dict[str, int], packing: bool,
+                 max_len: int | None = None) -> dict | PackedBatch:
+    """`collate` with the packed rows' capacity given (polar.packing.row_capacity of the
+    model, computed once by the caller): what a DataLoader worker, which has no model, runs."""
     if not packing:
         return naive_batch(batch, special)
-    return pack_triplets(batch, special, max_len=row_capacity(model) if model is not None else None)
+    return pack_triplets(batch, special, max_len=max_len)
+
+
+def micro_batches(batch: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
+                  max_len: int | None) -> list[tuple[dict | PackedBatch, int, int]]:
+    """A rank's batch as collated micro-batches of cfg.micro_batch_size triplets, each with
+    its number of triplets and the batch's (its loss weighs n / of)."""
+    micro = cfg.micro_batch_size or cfg.batch_size
+    chunks = [batch.subset(range(start, min(len(batch), start + micro))) for start in range(0, len(batch), micro)]
+    return [(collate_rows(chunk, special, cfg.packing, max_len), len(chunk), len(batch)) for chunk in chunks]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Optimizer step -> (this rank's collated micro-batches, the step's naive tokens, its
+    executed tokens): a pure function of (data, seed, step). The global batch's order comes
+    from batch_order; this rank reads only its contiguous share (polar.distributed.shard),
+    and the token counts of the whole global batch come from the piece lengths alone."""
+
+    def __init__(self, train: TokenShards | TokenTriplets, special: dict[str, int], cfg: TrainConfig,
+                 env: DistEnv, max_len: int | None):
+        self.train, self.special, self.cfg, self.env, self.max_len = train, special, cfg, env, max_len
+
+    def __getitem__(self, step: int):
+        order = batch_order(len(self.train), self.cfg.batch_size, step, self.cfg.seed)
+        naive = int(self.train.naive_tokens(order).sum())                     # data terms, whatever the path
+        executed = int(self.train.packed_tokens(order).sum()) if self.cfg.packing else naive
+        mine = self.train.subset(shard(order, self.env))
+        return micro_batches(mine, self.special, self.cfg, self.max_len), naive, executed
+
+
+def _as_is(item):
+    return item
+
+
+@contextmanager
+def step_batches(data: StepBatches, start: int, stop: int, workers: int) -> Iterator[Iterator]:
+    """StepBatches of steps start..stop-1 in order: computed here when workers is 0, else
+    by a DataLoader's `workers` processes (a few steps ahead), shut down on leaving."""
+    if workers == 0:
+        yield (data[step] for step in range(start, stop))
+        return
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, stop), num_workers=workers,
+                                         collate_fn=_as_is, prefetch_factor=2,
+                                         generator=torch.Generator())   # leaves the global RNG alone
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        batches._shutdown_workers()
 
 
 def scores(model, batch: dict[str, torch.Tensor] | PackedBatch, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +177,7 @@ def scores(model, batch: dict[str, torch.Tensor] | PackedBatch, device) -> tuple
 
 
 @torch.no_grad()
-def evaluate(model, val: TokenTriplets, special: dict[str, int], device="cpu", batch_size: int = 64,
+def evaluate(model, val: TokenShards | TokenTriplets, special: dict[str, int], device="cpu", batch_size: int = 64,
              packing: bool = False):
     """Mean pre-training loss and pair accuracy over the whole validation set, through
     the same path (packed or naive) as training."""
@@ -133,18 +193,20 @@ def evaluate(model, val: TokenTriplets, special: dict[str, int], device="cpu", b
     return float(np.average(losses, weights=weights)), float(np.average(accs, weights=weights))
 
 
-def train_step(model, optimizer, batch: TokenTriplets, special, cfg: TrainConfig, device) -> float:
-    """One optimizer step with gradient accumulation and clipping; returns the mean loss."""
-    micro = cfg.micro_batch_size or cfg.batch_size
+def train_step(model, optimizer, batch: TokenTriplets | list, special, cfg: TrainConfig, device) -> float:
+    """One optimizer step with gradient accumulation and clipping; returns the mean loss.
+    batch: this rank's triplets, or their micro-batches already collated (`micro_batches`)."""
+    if isinstance(batch, list):
+        micro = batch
+    else:
+        micro = micro_batches(batch, special, cfg, row_capacity(unwrap(model)) if cfg.packing else None)
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
-    starts = range(0, len(batch), micro)
-    for start in starts:
-        chunk = batch.subset(range(start, min(len(batch), start + micro)))
+    for i, (inputs, n, of) in enumerate(micro):
         with _autocast(cfg, device):
-            pos, neg = scores(model, collate(chunk, special, cfg.packing, unwrap(model)), device)
-        loss = pretrain_loss(pos, neg) * len(chunk) / len(batch)
-        if start == starts[-1]:
+            pos, neg = scores(model, inputs, device)
+        loss = pretrain_loss(pos, neg) * n / of
+        if i == len(micro) - 1:
             loss.backward()          # the last micro-batch reduces gradients across ranks
         else:
             with no_grad_sync(model):
@@ -161,8 +223,8 @@ def _autocast(cfg: TrainConfig, device):
     return torch.autocast(device_type=str(device).split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int], cfg: TrainConfig,
-        steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
+def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTriplets, special: dict[str, int],
+        cfg: TrainConfig, steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
         stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> TrainResult:
     """Train `steps` optimizer steps, resuming from run_dir/checkpoint.pt; tokens_seen and
@@ -171,7 +233,9 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
     logs, checkpoints that step and raises Preempted (a job SLURM is about to requeue).
     Several ranks: pass the model wrapped by polar.distributed.wrap_model and the real sink
     on rank 0 only; cfg.batch_size is the global batch. Evaluations log the throughput since
-    the previous one (evaluation and checkpoints excluded) and, given peak_flops, the MFU."""
+    the previous one (evaluation and checkpoints excluded) and, given peak_flops, the MFU.
+    cfg.data_workers > 0: batches are collated by that many DataLoader processes, with the
+    same result."""
     from tqdm import tqdm
 
     env = env or dist_env()
@@ -195,30 +259,31 @@ def fit(model, train: TokenTriplets, val: TokenTriplets, special: dict[str, int]
                         val_loss=val_loss, val_acc=val_acc)
 
     mark = (time.perf_counter(), tokens_seen, executed)        # throughput since the last evaluation
-    while step < steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, cfg)
-        batch = train.subset(batch_order(len(train), cfg.batch_size, step, cfg.seed))
-        loss = mean_across(train_step(model, optimizer, shard(batch, env), special, cfg, device))
-        step += 1
-        tokens_seen += int(batch.naive_tokens().sum())             # data terms, whatever the path
-        executed += int((batch.packed_tokens() if cfg.packing else batch.naive_tokens()).sum())
-        _check_finite(loss, step, run_dir)
-        buffer.append(({names.TRAIN_LOSS: loss, names.LR: optimizer.param_groups[0]["lr"]}, step))
-        bar.update(1)
-        if step in evals:
-            speed = throughput(tokens_seen - mark[1], executed - mark[2], time.perf_counter() - mark[0],
-                               flops_per_token, peak_flops, env.world_size)
-            val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
-            buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
-            flush_and_checkpoint()
-            mark = (time.perf_counter(), tokens_seen, executed)
-            bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
-        if stop is not None and step < steps and any_rank(stop()):
-            if buffer:               # not an evaluation step, which has just been checkpointed
+    data = StepBatches(train, special, cfg, env, row_capacity(unwrap(model)) if cfg.packing else None)
+    with step_batches(data, step, steps, cfg.data_workers) as batches:
+        while step < steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, cfg)
+            micro, naive, packed = next(batches)
+            loss = mean_across(train_step(model, optimizer, micro, special, cfg, device))
+            step += 1
+            tokens_seen, executed = tokens_seen + naive, executed + packed      # data terms, and what ran
+            _check_finite(loss, step, run_dir)
+            buffer.append(({names.TRAIN_LOSS: loss, names.LR: optimizer.param_groups[0]["lr"]}, step))
+            bar.update(1)
+            if step in evals:
+                speed = throughput(tokens_seen - mark[1], executed - mark[2], time.perf_counter() - mark[0],
+                                   flops_per_token, peak_flops, env.world_size)
+                val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
+                buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
                 flush_and_checkpoint()
-            bar.close()
-            raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
+                mark = (time.perf_counter(), tokens_seen, executed)
+                bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
+            if stop is not None and step < steps and any_rank(stop()):
+                if buffer:               # not an evaluation step, which has just been checkpointed
+                    flush_and_checkpoint()
+                bar.close()
+                raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
 

@@ -40,6 +40,8 @@ class Plan:
     time_limit_min: int
     gpu_hours: float
     parallel: str = "ddp"          # how the ranks of a multi-GPU job share the model: ddp | fsdp
+    n_triplets: int = 0            # training triplets of the data set
+    passes: float = 0.0            # passes the budget makes over them (steps x batch / n_triplets)
 
     @property
     def on_cpu(self) -> bool:
@@ -58,12 +60,14 @@ def sequence_lengths(data: DataConfig) -> tuple[float, float]:
 def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens: float | None,
              flops: float | None, recipe: Optional[Recipe] = None,
              resources: ResourcesConfig = ResourcesConfig(),
-             lengths: tuple[float, float] | None = None, counts: ShapeCounts | None = None) -> Plan:
+             lengths: tuple[float, float] | None = None, counts: ShapeCounts | None = None,
+             n_triplets: int | None = None) -> Plan:
     """The plan of one run. Exactly one of tokens / flops is given; recipe: how batch and
     LR follow from the size and the tokens (None: FixedRecipe's defaults). lengths: (mean
     sequence length, tokens per triplet) measured on real data (fine-tuning), instead of
     the synthesis config's (sequence_lengths). counts: a checkpoint's real parameter counts
-    (polar.model.checkpoint_counts), instead of the preset's (preset_counts)."""
+    (polar.model.checkpoint_counts), instead of the preset's (preset_counts). n_triplets:
+    the training set's size (None: data.n_train), for the passes over it."""
     if (tokens is None) == (flops is None):
         raise ValueError("give exactly one budget: budget.tokens=... or budget.flops=... "
                          f"(got tokens={tokens}, flops={flops})")
@@ -85,8 +89,30 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens:
                          f"{tokens:.3g} tokens < one batch of {batch} triplets x {per_triplet:.0f} "
                          f"tokens = {batch * per_triplet:.3g}; raise the budget or lower recipe.batch_size")
     parallel = train.parallel if train.parallel != "auto" else ("fsdp" if gpus > 1 else "ddp")
+    n_triplets = n_triplets or data.n_train
     return Plan(model.name, n, counts.n_params_nonembed, fpt, seq, per_triplet, tokens, tokens * fpt,
-                batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours, parallel)
+                batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours, parallel, n_triplets,
+                steps * batch / n_triplets)
+
+
+def synthesis_plan(data: DataConfig, tokens: float, gpu_hours: float) -> Plan:
+    """The plan of a `stage=synthesize` job: nothing trained; the tokens its units process
+    and their GPU-hours (sweeps.data_sets.estimate). The job itself joins the units'
+    parts (a short CPU job)."""
+    return Plan("synthesize", 0, 0, 0.0, 0.0, 0.0, tokens, 0.0, 0, 0.0, 0, 0, 1, round(cpu_state_gb(0), 1), 30,
+                gpu_hours, "ddp", data.n_train, 0.0)
+
+
+def passes_refusal(plan: Plan, max_epochs: float) -> str | None:
+    """Why a plan repeats its data too often (more than max_epochs passes), or None."""
+    if plan.passes <= max_epochs * (1 + 1e-9):
+        return None
+    most_tokens = max_epochs * plan.n_triplets * plan.tokens_per_triplet
+    return (f"model {plan.model!r}: its budget of {plan.tokens:.3g} tokens ({plan.steps} steps x {plan.batch_size} "
+            f"triplets) makes {plan.passes:.3g} passes over the data set's {plan.n_triplets:,} training triplets, "
+            f"more than data.max_epochs={max_epochs:g} (POLAR trains one pass). Raise data.n_train to at least "
+            f"{math.ceil(plan.steps * plan.batch_size / max_epochs):,}, lower the budget to at most "
+            f"budget.tokens={most_tokens:.3g}, or allow the repeats with data.max_epochs={math.ceil(plan.passes)}")
 
 
 def _split_batch(batch: int, recipe: Recipe, model: ModelConfig, ranks: int, micro: int) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from polar.model import ShapeCounts
 from polar.names import RunParams
-from sweeps.derive import Plan, local_refusal, plan_run
+from sweeps.derive import Plan, local_refusal, passes_refusal, plan_run, synthesis_plan
 from sweeps.runs import JobRun, git_sha, sweep_id
 from sweeps.schema import JobConfig
 from sweeps.stages import Measured, stage_of
@@ -31,6 +31,8 @@ def plan_of(job: JobConfig, measured: Measured | None = None, counts: ShapeCount
     them (fine-tuning; see plan_job); without a budget, such a job trains one epoch, and a
     preset with POLAR's own budget (model.paper_tokens) trains that. `counts`: a
     checkpoint's real parameter counts (a pre-trained backbone)."""
+    if job.stage == "synthesize":
+        return _synthesis_plan(job)
     tokens, flops, lengths = job.budget.tokens, job.budget.flops, None
     if measured is not None:
         lengths = (measured.seq_len, measured.tokens_per_triplet)
@@ -42,8 +44,20 @@ def plan_of(job: JobConfig, measured: Measured | None = None, counts: ShapeCount
         raise ValueError(f"recipe={job.recipe.name} assumes a pre-trained backbone (its LR law depends on the "
                          f"backbone's pre-training tokens Dp), but model={job.model.name} starts from random "
                          "weights (no model.init_from; Dp would be 0): give model.init_from=DIR, or use recipe=fixed")
-    return plan_run(job.model, job.data, job.train, tokens, flops, job.recipe, job.resources, lengths=lengths,
-                    counts=counts)
+    plan = plan_run(job.model, job.data, job.train, tokens, flops, job.recipe, job.resources, lengths=lengths,
+                    counts=counts, n_triplets=measured.n_triplets if measured is not None else None)
+    if job.stage == "pretrain" and (refusal := passes_refusal(plan, job.data.max_epochs)):
+        raise ValueError(refusal)
+    return plan
+
+
+def _synthesis_plan(job: JobConfig) -> Plan:
+    from sweeps.data_sets import estimate, policy_sizes, refusal
+
+    est = estimate(job.data, policy_sizes(job.data), job.resources)
+    if reason := refusal(job.data, est, job.resources):
+        raise ValueError(reason)
+    return synthesis_plan(job.data, sum(e.tokens for e in est), sum(e.gpu_hours for e in est))
 
 
 def plan_job(job: JobConfig, dry: bool = False) -> Plan:
@@ -65,7 +79,8 @@ def run_key(job: JobConfig) -> str:
     for fine-tuning, the preference files' contents and the starting model).
     Not: tracking, paths, resources, CPU threads, how ranks share the model (parallel)."""
     train = {k: v for k, v in asdict(job.train).items() if k not in ("threads", "parallel")}
-    blob = {"model": asdict(job.model), "data": asdict(job.data), "train": train,
+    data = {k: v for k, v in asdict(job.data).items() if k != "max_epochs"}   # bounds the plan, not the result
+    blob = {"model": asdict(job.model), "data": data, "train": train,
             "budget": asdict(job.budget), "recipe": {"name": job.recipe.name, **asdict(job.recipe)},
             "seed": job.seed, **stage_of(job).key_extras(job)}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -97,6 +112,8 @@ def run_job(job: JobConfig, job_index: str = "", plan: Plan | None = None) -> di
 
     if job.train.threads > 0:
         torch.set_num_threads(job.train.threads)
+    if job.stage == "synthesize":
+        return synthesize_job(job, job_index)
     plan, key = plan or plan_job(job), run_key(job)
     name = run_name(job, plan)
     run_dir = Path(job.paths.runs_dir) / key
@@ -281,16 +298,11 @@ def finished_locally(job: JobConfig) -> bool:
     return read_jsonl(Path(job.paths.runs_dir) / run_key(job) / METRICS_FILE).status == "FINISHED"
 
 
-def prepare_shared_data(jobs: list[JobConfig]) -> None:
-    """Train the tokenizers and synthesize the data sets of a sweep's jobs, each once
-    (before jobs that share them start at the same time)."""
+def synthesize_job(job: JobConfig, job_index: str = "") -> dict:
+    """`stage=synthesize`: the job's data set, made here (plan, the units not done yet,
+    assemble), or found; after SLURM's unit arrays only the assembling is left."""
     from polar.inputs import synthesized_data
 
-    seen = set()
-    for job in jobs:
-        if job.stage != "pretrain":
-            continue
-        key = (json.dumps(asdict(job.data), sort_keys=True, default=str), job.model.init_from, job.paths.cache_dir)
-        if key not in seen:
-            seen.add(key)
-            synthesized_data(job.data, job.model, job.paths.cache_dir)
+    _, where, manifest = synthesized_data(job.data, job.model, job.paths.cache_dir)
+    print(f"[job {job_index}] data set {manifest['data_id']} in {where}", flush=True)
+    return {"run_key": manifest["data_id"], "skipped": False, "val_loss": None}

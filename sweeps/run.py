@@ -32,6 +32,10 @@ def main(cfg: DictConfig) -> float | None:
 
     from sweeps.sweep_plan import JobError, plan_single
 
+    if not HydraConfig.get().launcher._target_.endswith("LocalLauncher"):
+        print(f"note: a single run (no -m) runs here; hydra/launcher={HydraConfig.get().runtime.choices.get('hydra/launcher')} "
+              "applies to sweeps: add -m to submit it", file=sys.stderr, flush=True)
+
     try:
         job, plan = plan_single(lambda: to_job_config(cfg), gpu_here=torch.cuda.is_available())
     except JobError as err:   # its message alone, as a sweep's; Hydra would echo the overrides (and a URI's token)

@@ -18,7 +18,7 @@ from typing import Optional
 from polar.config import DataConfig, ModelConfig, TrainSettings
 from sweeps.recipes import RECIPES, FixedRecipe, Recipe
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "synthesize")
 TRACKING_BACKENDS = ("mlflow", "off")
 
 
@@ -50,6 +50,7 @@ class ResourcesConfig:
     gpus_per_node: int = 8
     gpu_peak_flops: float = 989e12          # H100 SXM dense bf16
     assumed_mfu: float = 0.35
+    generation_mfu: float = 0.1             # synthesis: decoding is memory-bound (bench/bench_synthesis.py measures)
     time_margin: float = 1.5                # requested time = estimate x margin (+ 10 min)
     cpu_flops: float = 1e10                 # fp32 training on a laptop core; tiny models are overhead-bound
     cpu_memory_gb: float = 8.0              # refuse local CPU runs that need more
@@ -106,7 +107,7 @@ class JobConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     experiment_name: str = "default"
-    stage: str = "pretrain"           # pretrain | finetune
+    stage: str = "pretrain"           # pretrain | finetune | synthesize (the data set only)
     seed: int = 0
 
     def __post_init__(self) -> None:

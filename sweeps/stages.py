@@ -3,6 +3,7 @@ what it measures for the plan, and how it builds its RunInputs (polar.inputs).
 
 - pretrain: synthesized data (cached by content) and a randomly initialised model of the
   `model` preset; nothing to measure (lengths come from the data config).
+- synthesize: the pretrain stage's data set only (no model, no run; sweeps.jobs.synthesize_job).
 - finetune: a saved POLAR model (`finetune.init_from`, checked against the `model`
   preset's shape) and the reference implementation's preference JSONL; the plan uses the
   data's measured lengths and, without a budget, one epoch. Measuring reads and tokenizes
@@ -80,6 +81,7 @@ class Pretrain(Stage):
         from polar.model import check_backbone, checkpoint_shape
         from polar.tokenizer import backbone_tokenizer
 
+        check_data(job)
         path = job.model.init_from
         if not path:
             return
@@ -104,6 +106,19 @@ class Pretrain(Stage):
         from polar.inputs import pretrain_inputs
 
         return pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed)
+
+
+class Synthesize(Pretrain):
+    """`stage=synthesize`: only the data set a pretrain job of the same config would train
+    on (cut with the same tokenizer); no model is trained. Its plan is the units' cost."""
+
+    name, suffix = "synthesize", "-data"
+
+    def counts(self, job: JobConfig) -> ShapeCounts | None:
+        return None
+
+    def inputs(self, job: JobConfig) -> RunInputs:
+        raise NotImplementedError("stage=synthesize trains nothing (sweeps.jobs.synthesize_job)")
 
 
 class Finetune(Stage):
@@ -141,7 +156,7 @@ class Finetune(Stage):
         return str(Path(job.finetune.init_from).resolve())
 
 
-STAGES = {s.name: s for s in (Pretrain(), Finetune())}
+STAGES = {s.name: s for s in (Pretrain(), Finetune(), Synthesize())}
 assert tuple(STAGES) == schema.STAGES, "sweeps.schema.STAGES and sweeps.stages.STAGES must agree"
 
 
@@ -155,6 +170,23 @@ def _missing_data_dirs(job: JobConfig) -> list[str]:
 
     return [missing_dir(path, key) for key, path in job.data.local_dirs(uses_tokenizer=not job.model.init_from)
             if not Path(path).expanduser().is_dir()]
+
+
+def check_data(job: JobConfig) -> None:
+    """The data config's inputs on disk, before anything starts: corpus files that match
+    and hold their field, hf policies that are causal LMs with a tokenizer."""
+    from polar.config import CorpusFiles, local_dir
+    from polar.corpus import check_files
+    from polar.policies import causal_lm_config, policy_tokenizer
+
+    for source in job.data.corpus:
+        if isinstance(source, CorpusFiles):
+            check_files(source)
+    for i, spec in enumerate(job.data.policies):
+        if spec.kind == "hf":
+            path = local_dir(spec.path, f"data.policies[{i}].path")
+            causal_lm_config(spec, path)
+            policy_tokenizer(spec, path)
 
 
 def check_init_from(job: JobConfig) -> Path:

@@ -332,8 +332,8 @@ def fmt_hours(hours: float) -> str:
     return f"{hours:.3g}" if hours >= 0.01 else f"{hours:.1e}"
 
 
-TABLE_COLUMNS = ("#", "model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "parallel", "nodes",
-                 "time limit", "GPU-hours", "swept overrides")
+TABLE_COLUMNS = ("#", "model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "triplets", "passes", "GPUs",
+                 "parallel", "nodes", "time limit", "GPU-hours", "swept overrides")
 
 
 def varying_overrides(jobs: Sequence[PlannedJob]) -> list[str]:
@@ -352,7 +352,8 @@ def table_rows(jobs: Sequence[PlannedJob]) -> list[list[str]]:
     for j, varying in zip(jobs, varying_overrides(jobs)):
         p = j.plan
         rows.append([str(j.idx), p.model, fmt_count(p.n_params), fmt_count(p.tokens), f"{p.compute:.3g}",
-                     str(p.steps), f"{p.lr:.3g}", str(p.batch_size), str(p.gpus),
+                     str(p.steps), f"{p.lr:.3g}", str(p.batch_size), fmt_count(p.n_triplets), f"{p.passes:.3g}",
+                     str(p.gpus),
                      p.parallel if p.gpus > 1 else "-", str(p.nodes),
                      fmt_minutes(p.time_limit_min), fmt_hours(p.gpu_hours), varying])
     return rows
@@ -363,11 +364,12 @@ def job_table(jobs: Sequence[PlannedJob]) -> str:
     rows = table_rows(jobs)
     total = ["total", f"{len(jobs)} jobs", "",
              fmt_count(sum(j.plan.tokens for j in jobs)), f"{sum(j.plan.compute for j in jobs):.3g}",
-             str(sum(j.plan.steps for j in jobs)), "", "", str(sum(j.plan.gpus for j in jobs)), "",
+             str(sum(j.plan.steps for j in jobs)), "", "", "", "", str(sum(j.plan.gpus for j in jobs)), "",
              str(sum(j.plan.nodes for j in jobs)), "", fmt_hours(sum(j.plan.gpu_hours for j in jobs)), ""]
     table = [list(TABLE_COLUMNS), *rows, total]
     widths = [max(len(r[c]) for r in table) for c in range(len(TABLE_COLUMNS))]
-    right = {"N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "nodes", "time limit", "GPU-hours"}
+    right = {"N", "tokens", "FLOPs", "steps", "lr", "batch", "triplets", "passes", "GPUs", "nodes", "time limit",
+             "GPU-hours"}
 
     def line(r: list[str]) -> str:
         cells = [v.rjust(w) if TABLE_COLUMNS[c] in right else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))]

@@ -25,12 +25,12 @@ COMMAND = ["model=10k,20k", "budget.tokens=20000", "hydra/launcher=slurm"]
 
 @pytest.mark.timeout(240)
 def test_a_cpu_sweep_asks_for_no_gpu_and_runs(tmp_path):
-    from sweeps.jobs import prepare_shared_data
+    from sweeps.data_sets import needed, synthesize_missing
     from tests.fixtures import job_config
 
     tiny = [*TINY_SWEEP, "tracking=off", "train.n_evals=2", f"paths.cache_dir={tmp_path}/cache",
             f"paths.runs_dir={tmp_path}/runs"]
-    prepare_shared_data([job_config(*tiny, "budget.tokens=20000")])   # not by both jobs at once
+    synthesize_missing(needed([job_config(*tiny, "budget.tokens=20000")]))   # not by both jobs at once
     out = subprocess.run([sys.executable, "-m", "sweeps.run", "-m", *COMMAND, *tiny, "hydra.launcher.poll_s=0.5",
                           f"hydra.sweep.dir={tmp_path}/multirun"], cwd=ROOT, capture_output=True, text=True,
                          timeout=220)

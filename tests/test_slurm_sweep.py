@@ -78,7 +78,7 @@ def cluster_tmp(tmp_path_factory, slurm_cluster):
     must not synthesize the same data into the same cache folder at once)."""
     from hydra import compose, initialize_config_dir
 
-    from sweeps.jobs import prepare_shared_data
+    from sweeps.data_sets import needed, synthesize_missing
     from sweeps.schema import register, to_job_config
 
     tmp = tmp_path_factory.mktemp("slurm-sweep")
@@ -87,7 +87,7 @@ def cluster_tmp(tmp_path_factory, slurm_cluster):
     register()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", [*TINY_SWEEP, "budget.tokens=1e5", f"paths.cache_dir={tmp}/cache"])
-    prepare_shared_data([to_job_config(cfg)])
+    synthesize_missing(needed([to_job_config(cfg)]))
     wait_until(lambda: job_ids(f"polar-{experiment}") or proc.poll() is not None, timeout=120,
                what="the time-limited job to run")
     yield tmp, proc, experiment

@@ -6,7 +6,6 @@ import pytest
 
 from polar.policies import NGramPolicy, _ngram_tables, build_pool, sampling_distribution
 from polar.synthesis import FIELDS, read_manifest, read_split, synthesize
-from tests.fixtures import tiny_data_config
 
 
 def test_sampling_distribution_applies_top_k_and_top_p():
@@ -67,12 +66,82 @@ def test_pool_errors(tokenizer):
                    tokenizer, {"stdlib": np.arange(10)})
 
 
-def test_prefix_longer_than_corpus_is_a_clear_error(tokenizer, tmp_path):
-    from polar.synthesis import sample_prefixes
+def test_units_load_one_policy_each_and_resume_byte_identical(tiny_data, tokenizer, tmp_path, monkeypatch):
+    """Units of (policy, shard): each policy loaded once for all its units here; a unit
+    that fails names its policy and shard and keeps the parts before it; resuming runs
+    only the missing units and gives the same bytes as one uninterrupted synthesis."""
+    import polar.policies as policies
+    from polar.synthesis import assemble, pending_units, prepare, run_units
 
-    cfg = tiny_data_config(prefix_min=50, prefix_max=60)
-    with pytest.raises(ValueError, match="shorter than the requested prefix length"):
-        sample_prefixes({"pydoc": np.arange(20)}, 1, cfg, np.random.default_rng(0), tokenizer)
+    cfg, whole, *_ = tiny_data
+    loads, real = [], policies.load_policy
+
+    def counting(spec, **kw):
+        loads.append(spec.name)
+        return real(spec, **kw)
+
+    monkeypatch.setattr(policies, "load_policy", counting)
+    out = tmp_path / "units"
+    units = prepare(cfg, tokenizer, out, progress=False)
+    assert {(u.split, u.shard) for u in units} == {("train", 0), ("train", 1), ("val", 0)}
+    assert len(units) == 8 * 3 and sum(u.requests for u in units) == 3 * (256 + 64)
+
+    calls = {"n": 0}
+
+    def failing(spec, **kw):
+        policy = counting(spec, **kw)
+        generate = policy.generate
+
+        def second_call_fails(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise MemoryError("CUDA out of memory (simulated)")
+            return generate(*args, **kwargs)
+
+        policy.generate = second_call_fails
+        return policy
+
+    monkeypatch.setattr(policies, "load_policy", failing)
+    first = units[0].name
+    with pytest.raises(RuntimeError, match=rf"unit train-00001.p0000 failed: policy '{first}' on shard train-00001"):
+        run_units(out, units, progress=False)
+    assert [p.name for p in (out / "parts").iterdir()] == ["train-00000.p0000.jsonl"]   # kept
+
+    monkeypatch.setattr(policies, "load_policy", counting)
+    loads.clear()
+    pending = pending_units(out)
+    assert len(pending) == len(units) - 1
+    run_units(out, pending, progress=False)
+    assert sorted(loads) == sorted(p.name for p in cfg.policies)        # once each
+    manifest = assemble(out, cfg)
+    assert manifest["data_id"] == read_manifest(whole)["data_id"]
+    for shard in manifest["shards"]:
+        assert (out / shard["file"]).read_bytes() == (whole / shard["file"]).read_bytes()
+    assert not (out / "parts").exists() and not (out / "plan").exists()
+
+
+def test_assemble_refuses_while_units_are_missing(tiny_data, tokenizer, tmp_path):
+    from polar.synthesis import DataError, assemble, prepare
+
+    cfg, *_ = tiny_data
+    prepare(cfg, tokenizer, tmp_path / "d", progress=False)
+    with pytest.raises(DataError, match="24 units of work have not written their parts yet"):
+        assemble(tmp_path / "d", cfg)
+
+
+def test_a_slurm_unit_task_needs_only_the_folder(tiny_data, tokenizer, tmp_path):
+    """run_unit_task (what a SLURM array task runs) reads the config and the tokenizer
+    saved by prepare: its part is the one the in-process run writes."""
+    from polar.synthesis import pending_units, prepare, run_unit_task, run_units
+
+    cfg, *_ = tiny_data
+    here, there = tmp_path / "here", tmp_path / "there"
+    unit = prepare(cfg, tokenizer, here, progress=False)[5]
+    prepare(cfg, tokenizer, there, progress=False)
+    run_units(here, [unit], progress=False, cfg=cfg, tokenizer=tokenizer)
+    assert run_unit_task(str(there), [unit.key]) == 1
+    assert unit.part(there).read_bytes() == unit.part(here).read_bytes()
+    assert unit not in pending_units(there) and run_unit_task(str(there), [unit.key]) == 0
 
 
 def test_policies_on_parts_of_a_source_write_from_their_own_part(tokenizer):

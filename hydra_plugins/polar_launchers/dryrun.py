@@ -41,6 +41,7 @@ class DryRunLauncher(PlanningLauncher):
                           task_name="dryrun") for j in jobs]
 
     def notes(self, jobs) -> str:
+        from sweeps.data_sets import needed, unit_table
         from sweeps.derive import local_refusal
         from sweeps.stages import stage_of
         from sweeps.sweep_plan import group_by_shape, job_shape
@@ -52,6 +53,9 @@ class DryRunLauncher(PlanningLauncher):
                          f"{'s' * (len(groups) != 1)} (one per resource shape):")
             lines += [f"  {shape.describe()}: jobs {' '.join(f'#{j.idx}' for j in group)}"
                       for shape, group in groups.items()]
+        data_sets = needed(jobs)
+        if data_sets:
+            lines.append(unit_table(data_sets, jobs[0].job.resources))
         missing = [(j, m) for j in jobs for m in stage_of(j.job).missing(j.job)]
         if missing:
             lines.append("not on disk yet (every other launcher refuses these jobs until they are):")

@@ -1,6 +1,7 @@
 """`hydra/launcher=local`: the jobs of a sweep run on this machine, several at once when
 the cores allow, after every job of the sweep has been composed and planned (a bad job
-at the end of a sweep fails it before the first job trains). A job that trains on this
+at the end of a sweep fails it before the first job trains) and each data set the jobs
+need has been synthesized here, once (sweeps.data_sets). A job that trains on this
 machine's CPU (no GPU here, or train.device=cpu) and that derive.local_refusal refuses
 (too much memory or time for this machine) fails the whole sweep up front.
 
@@ -8,10 +9,9 @@ machine's CPU (no GPU here, or train.device=cpu) and that derive.local_refusal r
 at once: "auto" fits them to the cores when every job pins `train.threads` (a sweep of
 1-thread jobs on a 2-core laptop runs 2 at a time) and to the memory
 (sweeps.sweep_plan.local_workers). One at a time: in this process, as Hydra's basic
-launcher runs them. Several at a time: the shared data are synthesized once here first,
-then each job runs in a fresh process (spawned, so no torch or MLflow state is shared),
-with its progress bar on a line of its own; the jobs with the most planned compute start
-first, so that no long job runs alone at the end. An app that is not a POLAR sweep
+launcher runs them. Several at a time: each job runs in a fresh process (spawned, so no
+torch or MLflow state is shared), with its progress bar on a line of its own; the jobs
+with the most planned compute start first, so that no long job runs alone at the end. An app that is not a POLAR sweep
 (base.is_polar_sweep) has no plan: its jobs are composed first, then run one at a time.
 """
 
@@ -35,6 +35,7 @@ class LocalLauncher(PlanningLauncher):
         self.n_jobs = n_jobs
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from sweeps.data_sets import needed, synthesize_missing
         from sweeps.sweep_plan import check_n_jobs, local_workers, machine, no_gpu_here
 
         assert self.config is not None and self.hydra_context is not None
@@ -45,6 +46,7 @@ class LocalLauncher(PlanningLauncher):
         gpu_here = not no_gpu_here()
         planned = plan_jobs(self.hydra_context, self.config, job_overrides, initial_job_idx, refuse_local=True,
                             gpu_here=gpu_here)
+        synthesize_missing(needed(planned))   # each data set once, before any job starts
         on_gpu = gpu_here and any(not p.plan.on_cpu for p in planned)
         workers = local_workers(self.n_jobs, planned, *machine(), gpu=on_gpu)
         if workers == 1:
@@ -71,7 +73,7 @@ class LocalLauncher(PlanningLauncher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
 
     def _launch_parallel(self, job_overrides, initial_job_idx: int, planned, workers: int) -> list[JobReturn]:
-        from sweeps.jobs import finished_locally, prepare_shared_data
+        from sweeps.jobs import finished_locally
         from sweeps.sweep_plan import largest_first
 
         self._prepare()
@@ -85,7 +87,6 @@ class LocalLauncher(PlanningLauncher):
             else:
                 queue.append((i, overrides))
         if queue:
-            prepare_shared_data([planned[i].job for i, _ in queue])   # once, not by every worker at once
             print(f"[local launcher] {len(queue)} jobs, {min(workers, len(queue))} at a time, "
                   "the largest first", flush=True)
             results.update(self._run_in_workers(queue, initial_job_idx, workers))

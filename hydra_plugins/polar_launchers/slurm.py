@@ -11,6 +11,14 @@ has no plan: its jobs are composed first, then submitted as one array with the
 launcher's own resources (as submitit_slurm would; null: one node, one task, no GPU,
 submitit's 60 minutes). Schema: config.py PolarSlurmConf.
 
+Data first: a data set that the sweep's jobs need and that does not exist yet is planned
+here (prefixes and pairs, cheap) and its units of work (one policy x one shard each,
+polar.synthesis.run_unit_task) are submitted as job arrays, one per resource shape (the
+GPUs each policy needs; n-gram policies on a CPU); the sweep's job arrays wait for them
+(afterok; SLURM cancels them if a unit fails), and the first job assembles the parts
+under the data set's lock. A failed unit fails the sweep naming its policy, shard and
+log; the parts already written stay, so running the sweep again resumes.
+
 In the job, each task runs Hydra's job (BaseSubmititLauncher.__call__, hence
 sweeps.run's task function and sweeps.jobs.run_job). A multi-task job first exports
 torch.distributed's env:// variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE,
@@ -21,6 +29,7 @@ resumes from run_dir/checkpoint.pt into the same MLflow run.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -44,6 +53,7 @@ INIT_KEYS = ("submitit_folder", "max_num_timeout")
 BASE_KEYS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "mem_gb", "nodes", "name",
              "stderr_to_stdout")
 CLIENTS = ("sbatch", "sacct", "scancel", "sinfo")
+BF16_GB = 2 * 1.25          # host memory of a synthesis unit per policy parameter (bytes), beyond 16 GB
 
 
 # ------------------------------------------------------------------ before submitting
@@ -149,12 +159,14 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
             terminate_parent_run(str(err), tracking_uri(self.config))
             raise
         submitting = time.monotonic()
-        submitted = self.submit(groups)
+        units = self.submit_synthesis([j for group in groups.values() for j in group])
+        submitted = self.submit(groups, after=[job for _, job in units])
         print_flush(f"(SLURM checks {submitting - checked:.2f} s, submission {time.monotonic() - submitting:.2f} s)")
         if not self.params.get("wait", True):
             print_flush("not waiting (hydra.launcher.wait=false); follow them with squeue / sacct")
             return [JobReturn(overrides=list(j.overrides), status=JobStatus.COMPLETED, _return_value=job.job_id)
                     for j, job in submitted]
+        self.wait_units(units, submitted)
         return self.collect(submitted)
 
     def jobs_by_shape(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> dict:
@@ -206,8 +218,106 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         ex.update_parameters(**{(k if k in BASE_KEYS else f"slurm_{k}"): v for k, v in p.items() if k not in skip})
         return ex
 
-    def submit(self, groups: dict) -> list:
-        """One job array per shape; on a failed submission, cancel what was submitted and raise."""
+    # ------------------------------------------------------------------ synthesis first
+
+    def submit_synthesis(self, jobs: list) -> list:
+        """The units of work of every data set the sweep's jobs need that is not there yet
+        (planned here, on the login node), as job arrays, one per resource shape:
+        [(unit, submitit job)]. The sweep's jobs then wait for them (afterok)."""
+        from sweeps.data_sets import needed, prepare_units, unit_table
+        from sweeps.sweep_plan import print_flush
+
+        if not jobs or not is_polar_sweep(self.config):
+            return []
+        missing = [ds for ds in needed(jobs) if not ds.ready]
+        if not missing:
+            return []
+        print_flush(unit_table(missing, jobs[0].job.resources))
+        submitted = []
+        for ds in missing:
+            units = prepare_units(ds)
+            groups: dict = {}
+            for unit in units:
+                groups.setdefault(self.unit_shape(ds, unit, jobs[0].job.resources), []).append(unit)
+            for shape, group in groups.items():
+                submitted += self.submit_units(ds, shape, group, submitted)
+        return submitted
+
+    def unit_shape(self, ds, unit, res):
+        """A unit's SLURM request: the GPUs its policy needs (sweeps.data_sets.estimate) and
+        its time with the sweep's margin; an n-gram policy's unit runs on one CPU."""
+        from sweeps.data_sets import estimate, policy_sizes
+        from sweeps.sweep_plan import Shape
+
+        est = {e.policy: e for e in estimate(ds.data, policy_sizes(ds.data), res)}[unit.name]
+        if not est.gpus or self.params.get("gpus_per_node") == 0:
+            return Shape(1, 0, 1, 4, 60, 1)
+        hours = est.gpu_hours / max(est.units, 1) / est.gpus
+        minutes = int(math.ceil(hours * 60 * res.time_margin)) + 10
+        if self.params.get("max_timeout_min"):
+            minutes = min(minutes, self.params["max_timeout_min"])
+        return Shape(1, est.gpus, 1, math.ceil(BF16_GB * (est.n_params or 0) / 1e9) + 16, minutes, None)
+
+    def submit_units(self, ds, shape, group: list, before: list) -> list:
+        from polar.synthesis import run_unit_task
+        from sweeps.sweep_plan import SweepError, print_flush
+
+        ex = self.executor()
+        ex.update_parameters(**self.shape_resources(shape), name=f"polar-synth-{ds.name}")
+        try:
+            jobs = ex.map_array(run_unit_task, [str(ds.dir)] * len(group), [[u.key] for u in group])
+        except Exception as err:
+            for _, job in before:
+                job.cancel(check=False)
+            raise SweepError(f"submitting the synthesis units of data set {ds.name} failed: {err}; the "
+                             f"{len(before)} unit jobs submitted before were cancelled") from err
+        print_flush(f"  synthesis array {jobs[0].job_id.split('_')[0]}: {shape.describe()}: {len(group)} units "
+                    f"of data set {ds.name} ({', '.join(sorted({u.name for u in group}))})")
+        return list(zip(group, jobs))
+
+    def wait_units(self, units: list, submitted: list) -> None:
+        """Wait for the synthesis units; a unit that fails fails the sweep, naming its
+        policy, shard and log (the jobs that depended on it are cancelled by SLURM)."""
+        from sweeps.runs import terminate_parent_run
+        from sweeps.sweep_plan import SweepFailed, print_flush
+
+        if not units:
+            return
+        print_flush(f"Waiting for {len(units)} synthesis units first ...")
+        failed = []
+        for unit, job in units:
+            try:
+                job.result()
+            except Exception as err:
+                failed.append(f"unit {unit.key}: policy {unit.name!r}, shard {unit.split}-{unit.shard:05d}, SLURM "
+                              f"job {job.job_id}: {_last_line(str(err))}\n    logs: {job.paths.stdout}  "
+                              f"{job.paths.stderr}")
+        if failed:
+            for _, job in submitted:
+                job.cancel(check=False)
+            message = (f"{len(failed)} of {len(units)} synthesis units failed (the parts already written are "
+                       "kept; the sweep's jobs were cancelled; run the sweep again to resume):\n  "
+                       + "\n  ".join(failed))
+            terminate_parent_run(message, tracking_uri(self.config))
+            raise SweepFailed(message)
+        print_flush(f"  {len(units)} synthesis units done")
+
+    @staticmethod
+    def shape_resources(shape) -> dict:
+        resources = {"nodes": shape.nodes, "tasks_per_node": shape.tasks_per_node, "timeout_min": shape.timeout_min}
+        if shape.mem_gb is not None:
+            resources["mem_gb"] = shape.mem_gb
+        if shape.gpus_per_node > 0:
+            resources["gpus_per_node"] = shape.gpus_per_node
+        if shape.cpus_per_task:
+            resources["cpus_per_task"] = shape.cpus_per_task
+        return resources
+
+    # ------------------------------------------------------------------ the sweep's jobs
+
+    def submit(self, groups: dict, after: Sequence = ()) -> list:
+        """One job array per shape, each waiting for the jobs `after` (SLURM afterok; a
+        failed one cancels it); on a failed submission, cancel what was submitted and raise."""
         from hydra.core.singleton import Singleton
 
         from sweeps.sweep_plan import SweepError, print_flush, varying_overrides
@@ -219,16 +329,16 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         coords = dict(zip((j.idx for j in everyone), varying_overrides(everyone)))
         print_flush(f"Submitting {sum(map(len, groups.values()))} jobs as {len(groups)} SLURM job array"
                     f"{'s' * (len(groups) != 1)} (sweep dir {sweep_dir}):")
+        dependency = {}
+        if after:
+            arrays = sorted({job.job_id.split("_")[0] for job in after})
+            dependency = {"dependency": "afterok:" + ":".join(arrays), "kill-on-invalid-dep": "yes"}
         for shape, group in groups.items():
             ex = self.executor()
-            resources = {"nodes": shape.nodes, "tasks_per_node": shape.tasks_per_node, "timeout_min": shape.timeout_min}
-            if shape.mem_gb is not None:
-                resources["mem_gb"] = shape.mem_gb
-            if shape.gpus_per_node > 0:
-                resources["gpus_per_node"] = shape.gpus_per_node
-            if shape.cpus_per_task:
-                resources["cpus_per_task"] = shape.cpus_per_task
-            ex.update_parameters(**resources)
+            ex.update_parameters(**self.shape_resources(shape))
+            if dependency:
+                ex.update_parameters(slurm_additional_parameters={**(self.params.get("additional_parameters") or {}),
+                                                                  **dependency})
             state = Singleton.get_state()
             try:
                 jobs = ex.map_array(self, [list(j.overrides) for j in group], ["hydra.sweep.dir"] * len(group),
@@ -324,5 +434,6 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
 
 
 def _last_line(text: str) -> str:
+    """The last non-empty line of text (at most 500 characters)."""
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:500] if lines else ""
