@@ -13,6 +13,7 @@ run and the SLURM launcher print it (`unit_table`).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -121,14 +122,30 @@ def needed(jobs: Iterable) -> list[DataSet]:
 
 
 def synthesize_missing(data_sets: Sequence[DataSet]) -> None:
-    """Each data set that is not there yet synthesized here, once (with its progress)."""
+    """Each data set that is not there yet synthesized here, once (with its progress); a
+    bad corpus or policy is a SweepError naming the data set and its jobs."""
     from polar.inputs import synthesized_data
 
     for ds in data_sets:
         if not ds.ready:
             print(f"[data] synthesizing data set {ds.name} for jobs "
                   f"{' '.join(f'#{i}' for i in ds.jobs)} in {ds.dir}", flush=True)
-        synthesized_data(ds.data, ds.model, ds.cache_dir)
+        with refused_as_sweep_error(ds):
+            synthesized_data(ds.data, ds.model, ds.cache_dir)
+
+
+@contextmanager
+def refused_as_sweep_error(ds: DataSet):
+    """A data set that cannot be made (prefixes longer than its documents, a policy that
+    does not load, a failed unit) ends the sweep in one paragraph, before its jobs start;
+    what was written stays."""
+    from sweeps.sweep_plan import SweepError
+
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as err:
+        raise SweepError(f"data set {ds.name} (for jobs {' '.join(f'#{i}' for i in ds.jobs)}) could not be "
+                         f"made, so no job was started: {err}") from err
 
 
 def prepare_units(ds: DataSet) -> list:
@@ -137,8 +154,9 @@ def prepare_units(ds: DataSet) -> list:
     from polar.inputs import data_tokenizer
     from polar.synthesis import prepare
 
-    tok, _ = data_tokenizer(ds.data, ds.model, ds.cache_dir)
-    return prepare(ds.data, tok, ds.dir)
+    with refused_as_sweep_error(ds):
+        tok, _ = data_tokenizer(ds.data, ds.model, ds.cache_dir)
+        return prepare(ds.data, tok, ds.dir)
 
 
 def unit_table(data_sets: Sequence[DataSet], res: ResourcesConfig) -> str:

@@ -83,3 +83,13 @@ def test_a_missing_corpus_field_is_refused_before_anything_starts(user_folder, t
     assert out.returncode == 1
     assert "field" in out.stderr and "'text'" in out.stderr and "body" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "cache" / "data").exists()
+
+
+def test_prefixes_longer_than_every_document_refuse_the_sweep_in_one_paragraph(user_folder, tmp_path):
+    out = run(user_folder, "-m", "model=10k", "budget.tokens=2e6", "recipe.batch_size=8", "data.prefix_min=5000",
+              "data.prefix_max=6000",
+              f"paths.runs_dir={tmp_path}/runs", f"hydra.sweep.dir={tmp_path}/multirun", cache=tmp_path / "cache")
+    assert out.returncode == 1
+    assert "could not be made, so no job was started" in out.stderr and "data.prefix_min" in out.stderr, \
+        out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "runs").exists()
