@@ -148,7 +148,7 @@ class ListSink:
 TINY_SWEEP = ["data.corpus=[pydoc,stdlib]", "data.vocab_size=512", "data.n_train=128", "data.n_val=32",
               "data.prefix_min=4", "data.prefix_max=8", "data.max_response_tokens=8",
               "data.policies=[{order:1,source:pydoc},{order:2,source:stdlib},{order:2,source:pydoc}]",
-              "recipe.batch_size=8", "train.threads=1", "data.max_epochs=1000"]   # a tiny set, many passes
+              "recipe.batch_size=8", "train.threads=1", "data.max_epochs=1e6"]   # a tiny set, many passes
 
 
 def job_config(*overrides: str):

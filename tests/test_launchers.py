@@ -54,8 +54,8 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("#"))
-    for column in ("model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "GPUs", "parallel", "nodes",
-                   "time limit", "GPU-hours"):
+    for column in ("model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "triplets", "passes", "GPUs",
+                   "parallel", "nodes", "time limit", "GPU-hours"):
         assert column in header
     rows = {line.split()[1]: line.split() for line in lines if line[:1].isdigit()}
     assert set(rows) == {"1.8b", "7b"}
@@ -63,8 +63,9 @@ def test_dryrun_prints_the_job_table_and_starts_nothing(tmp_path):
     for model, plan in plans.items():
         cells = rows[model]
         assert cells[3] == "1B" and cells[5] == str(plan.steps)
-        assert cells[8] == str(plan.gpus) and cells[10] == str(plan.nodes)
-        assert cells[9] == ("fsdp" if model == "7b" else "-")
+        assert cells[8] == "200M" and float(cells[9]) == pytest.approx(plan.passes, rel=0.01)   # polar_pool
+        assert cells[10] == str(plan.gpus) and cells[12] == str(plan.nodes)
+        assert cells[11] == ("fsdp" if model == "7b" else "-")
         assert f"model={model}" in cells[-1]
     assert plans["7b"].gpus > plans["1.8b"].gpus == 1
     total = next(line for line in lines if line.startswith("total")).split()
@@ -82,11 +83,11 @@ def test_cpu_jobs_plan_no_gpu_in_the_table_and_the_slurm_arrays(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line[:1].isdigit()]
     plans = [plan_for(f"model={m}", "budget.tokens=20000", "train.threads=1") for m in ("10k", "20k")]
-    assert [r[1] for r in rows] == ["10k", "20k"] and [r[8] for r in rows] == ["0", "0"]
-    assert all(p.on_cpu for p in plans) and {r[12] for r in rows} == {"0"}    # no GPU-hours
+    assert [r[1] for r in rows] == ["10k", "20k"] and [r[10] for r in rows] == ["0", "0"]
+    assert all(p.on_cpu for p in plans) and {r[14] for r in rows} == {"0"}    # no GPU-hours
     assert "would submit 1 job array" in out.stdout
     array = next(line for line in out.stdout.splitlines() if "jobs #0 #1" in line)
-    assert "no GPU" in array and "1 CPU" in array and rows[0][11] in array    # train.threads=1; the time limit
+    assert "no GPU" in array and "1 CPU" in array and rows[0][13] in array    # train.threads=1; the time limit
 
 
 def test_the_demo_ladder_spans_30x_in_one_pass_over_its_data(tmp_path):

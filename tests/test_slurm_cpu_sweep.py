@@ -37,7 +37,7 @@ def test_a_cpu_sweep_asks_for_no_gpu_and_runs(tmp_path):
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if re.match(r"\d+\s", line)]
-    assert [(r[1], r[8]) for r in rows] == [("10k", "0"), ("20k", "0")], log[-3000:]   # the job table: no GPU
+    assert [(r[1], r[10]) for r in rows] == [("10k", "0"), ("20k", "0")], log[-3000:]   # the job table: no GPU
     assert "Submitting 2 jobs as 1 SLURM job array" in log
     assert re.search(r"job array \d+: 1 node x no GPU, 1 task/node x 1 CPU, 1 GB/node", log), log[-3000:]
     ids = re.findall(r"#\d \S+ -> (\S+)", log)
