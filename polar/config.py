@@ -262,6 +262,7 @@ class TrainSettings:
     device: str = "auto"             # auto (a GPU where there is one, else the CPU) | cpu | cuda
     threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
     dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    activation_checkpointing: Optional[bool] = None   # None: on where the plan needs it to fit a GPU
     data_workers: int = 0            # DataLoader processes collating batches; 0 = in the training process
     parallel: str = "auto"           # with several ranks: ddp | fsdp | auto (fsdp where one GPU cannot hold the training state)
     seed: int = 0

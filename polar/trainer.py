@@ -240,6 +240,7 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 
     env = env or dist_env()
     device = next(model.parameters()).device
+    set_checkpointing(model, bool(cfg.activation_checkpointing))
     run_dir = Path(run_dir)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     state = load_checkpoint(run_dir, model, optimizer, env)
@@ -286,6 +287,17 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                 raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Activation checkpointing of every decoder layer (transformers' own, non-reentrant):
+    the backward pass recomputes a layer's activations instead of keeping them. Speed
+    only: losses and gradients are the same."""
+    inner = unwrap(model)
+    if on:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(inner, "is_gradient_checkpointing", False):
+        inner.gradient_checkpointing_disable()
 
 
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:

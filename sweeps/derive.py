@@ -15,10 +15,9 @@ from typing import Optional
 
 from polar.config import DataConfig, ModelConfig, TrainSettings
 from polar.model import ShapeCounts, preset_counts
+from sweeps.memory import ADAMW_BYTES_PER_PARAM, MemoryEstimate, estimate, fits, what_would_fit
 from sweeps.recipes import FixedRecipe, Recipe
 from sweeps.schema import ResourcesConfig
-
-ADAMW_BYTES_PER_PARAM = 16   # fp32 weights + grads + two Adam moments
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,11 @@ class Plan:
     parallel: str = "ddp"          # how the ranks of a multi-GPU job share the model: ddp | fsdp
     n_triplets: int = 0            # training triplets of the data set
     passes: float = 0.0            # passes the budget makes over them (steps x batch / n_triplets)
+    gpu_memory: Optional[MemoryEstimate] = None   # per GPU (None on the CPU); says whether checkpointing is on
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.gpu_memory is not None and self.gpu_memory.checkpointing
 
     @property
     def on_cpu(self) -> bool:
@@ -88,11 +92,34 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens:
         raise ValueError(f"budget too small for one optimizer step of model {model.name!r}: "
                          f"{tokens:.3g} tokens < one batch of {batch} triplets x {per_triplet:.0f} "
                          f"tokens = {batch * per_triplet:.3g}; raise the budget or lower recipe.batch_size")
-    parallel = train.parallel if train.parallel != "auto" else ("fsdp" if gpus > 1 else "ddp")
+    one_gpu_holds_state = ADAMW_BYTES_PER_PARAM * n / 1e9 <= 0.6 * resources.gpu_memory_gb
+    parallel = train.parallel if train.parallel != "auto" else ("fsdp" if gpus > 1 and not one_gpu_holds_state
+                                                                else "ddp")
     n_triplets = n_triplets or data.n_train
+    memory = gpu_memory(model, n, data, train, batch, gpus, parallel, resources) if gpus else None
     return Plan(model.name, n, counts.n_params_nonembed, fpt, seq, per_triplet, tokens, tokens * fpt,
                 batch, lr, steps, gpus, nodes, mem, minutes, gpu_hours, parallel, n_triplets,
-                steps * batch / n_triplets)
+                steps * batch / n_triplets, memory)
+
+
+def gpu_memory(model: ModelConfig, n: int, data: DataConfig, train: TrainSettings, batch: int, gpus: int,
+               parallel: str, res: ResourcesConfig) -> MemoryEstimate:
+    """Per-GPU memory at the planned micro-batch: without activation checkpointing where
+    that fits (train.activation_checkpointing=null), else with it; a plan that fits
+    neither way is refused, naming what would fit."""
+    micro = min(train.micro_batch_size or batch, batch // gpus)
+    choices = [False, True] if train.activation_checkpointing is None else [train.activation_checkpointing]
+    for checkpointing in choices:
+        mem = estimate(model, n, data, micro_batch=micro, ranks=gpus, sharded=parallel == "fsdp",
+                       packing=train.packing, checkpointing=checkpointing, on_gpu=True)
+        if fits(mem, res.gpu_memory_gb):
+            return mem
+    fix = what_would_fit(model, n, data, micro_batch=micro, ranks=gpus, sharded=parallel == "fsdp",
+                         packing=train.packing,
+                         gpu_memory_gb=res.gpu_memory_gb, gpus_per_node=res.gpus_per_node)
+    raise ValueError(f"model {model.name!r} on {gpus} GPU{'s' * (gpus > 1)} ({parallel}) needs {mem.describe()}, "
+                     f"more than {res.gpu_memory_gb:g} GB GPUs hold (90% usable, resources.gpu_memory_gb); "
+                     f"it would fit with {fix}")
 
 
 def synthesis_plan(data: DataConfig, tokens: float, gpu_hours: float) -> Plan:
@@ -132,10 +159,20 @@ def _split_batch(batch: int, recipe: Recipe, model: ModelConfig, ranks: int, mic
 
 
 def _resources(n: int, compute: float, res: ResourcesConfig):
-    """GPUs (a power of two), nodes, memory per GPU, a time limit and the GPU-hours."""
+    """GPUs (a power of two that holds the training state with 40% left for activations,
+    or resources.gpus where given: the data-parallel width, or as many more as finish within
+    resources.target_hours), nodes, memory per GPU, a time limit and the GPU-hours."""
     state_gb = ADAMW_BYTES_PER_PARAM * n / 1e9
     need = max(1, math.ceil(state_gb / (0.6 * res.gpu_memory_gb)))   # 40% left for activations
     gpus = 1 << (need - 1).bit_length()
+    if res.gpus:
+        if res.gpus < need:
+            raise ValueError(f"resources.gpus={res.gpus} cannot hold the training state of {n:.3g} parameters "
+                             f"({state_gb:.0f} GB of weights, gradients and AdamW moments): give at least {need}")
+        gpus = res.gpus
+    elif res.target_hours > 0:    # GPUs for speed: as many as finish within the target (at the assumed MFU)
+        one_gpu_hours = compute / (res.gpu_peak_flops * res.assumed_mfu) / 3600
+        gpus = max(gpus, 1 << (max(1, math.ceil(one_gpu_hours / res.target_hours)) - 1).bit_length())
     nodes = max(1, math.ceil(gpus / res.gpus_per_node))
     hours = compute / (gpus * res.gpu_peak_flops * res.assumed_mfu) / 3600
     minutes = int(math.ceil(hours * 60 * res.time_margin)) + 10

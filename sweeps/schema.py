@@ -46,10 +46,13 @@ class BudgetConfig:
 class ResourcesConfig:
     """How to size a job on GPUs, and when a CPU-only machine should refuse it."""
 
+    gpus: int = 0                           # data-parallel width of a GPU run; 0: as few as hold the training state
+    target_hours: float = 0.0               # > 0: at least the GPUs (a power of two) that finish a run within this
     gpu_memory_gb: float = 80.0
     gpus_per_node: int = 8
     gpu_peak_flops: float = 989e12          # H100 SXM dense bf16
     assumed_mfu: float = 0.35
+    checkpoint_gb_per_s: float = 1.0        # how fast a job writes its checkpoint (SLURM's signal_delay_s must cover it)
     generation_mfu: float = 0.1             # synthesis: decoding is memory-bound (bench/bench_synthesis.py measures)
     time_margin: float = 1.5                # requested time = estimate x margin (+ 10 min)
     cpu_flops: float = 1e10                 # fp32 training on a laptop core; tiny models are overhead-bound

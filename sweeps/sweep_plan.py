@@ -302,6 +302,30 @@ def job_shape(job: PlannedJob, **overrides) -> Shape:
     return shape_of(job.plan, job.job.resources, threads=job.job.train.threads, **overrides)
 
 
+def time_problems(job: PlannedJob, shape: Shape, max_num_timeout: int, signal_delay_s: float) -> list[str]:
+    """Why SLURM's limits cannot carry this job to its end: its time limit times
+    (max_num_timeout + 1) requeues shorter than the planned time, or a signal_delay_s
+    too short for a checkpoint of its training state (resources.checkpoint_gb_per_s)."""
+    from sweeps.derive import ADAMW_BYTES_PER_PARAM, cpu_minutes
+
+    plan, res = job.plan, job.job.resources
+    planned = cpu_minutes(plan.compute, res) if plan.on_cpu else plan.time_limit_min
+    allowed = shape.timeout_min * (max_num_timeout + 1)
+    problems = []
+    if allowed < planned:
+        problems.append(f"#{job.idx} ({plan.model}) is planned for {fmt_minutes(planned)}, but its time limit "
+                        f"{fmt_minutes(shape.timeout_min)} x {max_num_timeout + 1} runs (hydra.launcher.max_num_timeout"
+                        f"={max_num_timeout} requeues) allows {fmt_minutes(allowed)}: raise hydra.launcher."
+                        f"max_num_timeout to {math.ceil(planned / shape.timeout_min) - 1} or the time limit")
+    seconds = ADAMW_BYTES_PER_PARAM * plan.n_params / 1e9 / res.checkpoint_gb_per_s + 60
+    if signal_delay_s < seconds:
+        problems.append(f"#{job.idx} ({plan.model}): hydra.launcher.signal_delay_s={signal_delay_s:g} does not cover a "
+                        f"checkpoint of its {ADAMW_BYTES_PER_PARAM * plan.n_params / 1e9:.0f} GB training state "
+                        f"(~{seconds:.0f} s at resources.checkpoint_gb_per_s={res.checkpoint_gb_per_s:g}, with a "
+                        f"minute for the step): set hydra.launcher.signal_delay_s={math.ceil(seconds / 60) * 60}")
+    return problems
+
+
 def group_by_shape(jobs: Iterable[PlannedJob], shape: Callable[[PlannedJob], Shape]) -> dict[Shape, list[PlannedJob]]:
     """Jobs grouped by resource shape, in order of first appearance: one job array each."""
     groups: dict[Shape, list[PlannedJob]] = {}
@@ -333,7 +357,13 @@ def fmt_hours(hours: float) -> str:
 
 
 TABLE_COLUMNS = ("#", "model", "N", "tokens", "FLOPs", "steps", "lr", "batch", "triplets", "passes", "GPUs",
-                 "parallel", "nodes", "time limit", "GPU-hours", "swept overrides")
+                 "parallel", "nodes", "time limit", "GPU-hours", "mem/GPU", "swept overrides")
+
+
+def fmt_memory(plan: Plan) -> str:
+    """A GPU plan's memory per GPU (sweeps.memory), "+ckpt" with activation checkpointing."""
+    mem = plan.gpu_memory
+    return "-" if mem is None else f"{mem.total_gb:.0f}G" + ("+ckpt" if mem.checkpointing else "")
 
 
 def varying_overrides(jobs: Sequence[PlannedJob]) -> list[str]:
@@ -355,7 +385,7 @@ def table_rows(jobs: Sequence[PlannedJob]) -> list[list[str]]:
                      str(p.steps), f"{p.lr:.3g}", str(p.batch_size), fmt_count(p.n_triplets), f"{p.passes:.3g}",
                      str(p.gpus),
                      p.parallel if p.gpus > 1 else "-", str(p.nodes),
-                     fmt_minutes(p.time_limit_min), fmt_hours(p.gpu_hours), varying])
+                     fmt_minutes(p.time_limit_min), fmt_hours(p.gpu_hours), fmt_memory(p), varying])
     return rows
 
 
@@ -365,11 +395,11 @@ def job_table(jobs: Sequence[PlannedJob]) -> str:
     total = ["total", f"{len(jobs)} jobs", "",
              fmt_count(sum(j.plan.tokens for j in jobs)), f"{sum(j.plan.compute for j in jobs):.3g}",
              str(sum(j.plan.steps for j in jobs)), "", "", "", "", str(sum(j.plan.gpus for j in jobs)), "",
-             str(sum(j.plan.nodes for j in jobs)), "", fmt_hours(sum(j.plan.gpu_hours for j in jobs)), ""]
+             str(sum(j.plan.nodes for j in jobs)), "", fmt_hours(sum(j.plan.gpu_hours for j in jobs)), "", ""]
     table = [list(TABLE_COLUMNS), *rows, total]
     widths = [max(len(r[c]) for r in table) for c in range(len(TABLE_COLUMNS))]
     right = {"N", "tokens", "FLOPs", "steps", "lr", "batch", "triplets", "passes", "GPUs", "nodes", "time limit",
-             "GPU-hours"}
+             "GPU-hours", "mem/GPU"}
 
     def line(r: list[str]) -> str:
         cells = [v.rjust(w) if TABLE_COLUMNS[c] in right else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))]

@@ -186,6 +186,7 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         """SLURM answers and accepts every shape, or a SweepError before any submission."""
         from sweeps.sweep_plan import SweepError
 
+        self.check_time_limits(groups)
         problem = slurm_problem(float(self.params.get("check_timeout_s", 15.0)))
         if problem:
             raise SweepError(f"SLURM is not reachable, so nothing was submitted: {problem}")
@@ -207,6 +208,18 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
                              "(sbatch --test-only); set hydra.launcher.partition/account/qos/constraint, or "
                              "override hydra.launcher.timeout_min / max_timeout_min / mem_gb / gpus_per_node / "
                              "nodes:\n  " + "\n  ".join(refused))
+
+    def check_time_limits(self, groups: dict) -> None:
+        """Every job of a POLAR sweep can reach its end within its time limit and requeues,
+        and checkpoint on the requeue signal in time (sweeps.sweep_plan.time_problems)."""
+        from sweeps.sweep_plan import PlannedJob, SweepError, time_problems
+
+        problems = [p for shape, group in groups.items() for job in group if isinstance(job, PlannedJob)
+                    for p in time_problems(job, shape, int(self.params.get("max_num_timeout", 0)),
+                                           float(self.params.get("signal_delay_s", 90)))]
+        if problems:
+            raise SweepError("SLURM's time limits would stop these jobs before their end, so nothing was "
+                             "submitted:\n  " + "\n  ".join(problems))
 
     def executor(self):
         import submitit
