@@ -13,14 +13,24 @@ from the runs' own ``metrics.jsonl`` files (written beside the checkpoints by ev
 with or without a tracking server). ``read_csv`` reads records from a CSV with columns
 n_params, tokens, compute, loss. mlflow is imported inside the functions (its import
 takes seconds).
+
+Before MLflow is asked anything, ``check_tracking_uri`` refuses a URI it cannot read, in
+seconds and with one message (MLflow's own client retries an unreachable server for
+minutes, and creates an empty store at a mistyped sqlite path or folder: a report never
+creates a tracking store). Two finished runs with the same run key (a copied run folder,
+a job run twice into MLflow) are kept once when their results agree, and refused when
+they differ (``Records.duplicates`` says which one was kept and why).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, get_type_hints
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -28,7 +38,7 @@ import pandas as pd
 from polar import names
 from polar.names import CURVE_COLUMNS, RECORD_COLUMNS, ScalingRecord
 
-__all__ = ["RECORD_COLUMNS", "CURVE_COLUMNS", "FailedRun", "Records", "RunsError", "load_records",
+__all__ = ["RECORD_COLUMNS", "CURVE_COLUMNS", "FailedRun", "Records", "RunsError", "check_tracking_uri", "load_records",
            "load_jsonl_records", "read_csv", "complete_records"]
 
 # run parameters carried beside each record; MLflow holds strings, RunParams says the types
@@ -61,6 +71,7 @@ class Records:
     experiment: str | None = None
     experiment_id: str | None = None
     tracking_uri: str | None = None
+    duplicates: list[str] = field(default_factory=list)  # one line per run key seen twice
 
 
 def _number(params: Mapping[str, str], key: str, cast=float):
@@ -85,11 +96,133 @@ def _row(run_id: str, run_name: str, params: Mapping[str, str], final_loss, curv
     return {**asdict(record), "run_name": run_name, **{k: _param(params, k) for k in EXTRA_PARAMS}}
 
 
-def _bundle(rows: list[dict], curves: list[pd.DataFrame], failed, unfinished, experiment, exp_id, uri) -> Records:
+def _bundle(entries: list[tuple[str, dict, pd.DataFrame]], failed, unfinished, experiment, exp_id,
+            uri) -> Records:
+    """Records from ``(source, row, curve)`` entries, one per run key (see _dedupe)."""
+    rows, curves, notes = _dedupe(entries)
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS + ["run_name"] + EXTRA_PARAMS)
     records = records.sort_values(["n_params", "compute"], kind="stable").reset_index(drop=True)
     curve_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    return Records(records, curve_df, failed, unfinished, experiment, exp_id, uri)
+    return Records(records, curve_df, failed, unfinished, experiment, exp_id, uri, notes)
+
+
+# ---------------------------------------------------------------- tracking URI
+
+PROBE_TIMEOUT_S = 5.0
+_REMOTE = ("databricks", "databricks-uc", "uc")   # not checked here
+_SQL_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+VALID_URIS = ("valid tracking URIs: http(s)://HOST:PORT (a running tracking server), sqlite:///PATH.db "
+              "(an existing store; sqlite:////ABSOLUTE/PATH.db), file:///DIR or a folder path (an existing "
+              "file store), postgresql://, mysql://, mssql:// (a reachable database), databricks")
+
+
+def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise RunsError, naming ``uri`` (password redacted) and what would be valid, unless
+    MLflow can read it without creating anything: a known scheme; for a server, a host
+    that answers within ``timeout``; for sqlite or a folder, a store that exists."""
+    if uri in _REMOTE:                      # "databricks" alone: the default profile
+        return
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError as err:                # a port that is not a number, a broken [IPv6] host
+        raise RunsError(_refusal(uri, f"it cannot be parsed ({err})")) from None
+    scheme = parts.scheme.lower().split("+")[0]
+    if len(scheme) == 1:                    # C:\path: a drive letter, not a scheme
+        scheme = ""
+    if scheme in ("http", "https"):
+        _check_server(uri, parts.hostname, port or (443 if scheme == "https" else 80), timeout,
+                      http=scheme == "http")
+    elif scheme in _SQL_PORTS:
+        _check_server(uri, parts.hostname, port or _SQL_PORTS[scheme], timeout)
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    elif scheme in ("", "file"):
+        folder = Path(parts.path if scheme == "file" else uri)
+        if not folder.is_dir():
+            raise RunsError(_refusal(uri, f"the folder {str(folder)!r} does not exist, and a report never "
+                                          "creates a tracking store"))
+    elif scheme not in _REMOTE:
+        raise RunsError(_refusal(uri, f"MLflow cannot read the scheme {parts.scheme!r}"))
+
+
+def _refusal(uri: str, why: str) -> str:
+    from polar.sinks import redact
+
+    return f"tracking URI {redact(uri)!r}: {why}; {VALID_URIS}"
+
+
+def _check_server(uri: str, host: str | None, port: int, timeout: float, http: bool = False) -> None:
+    """A TCP connection to host:port within ``timeout`` (and, for http, any HTTP answer)."""
+    if not host:
+        raise RunsError(_refusal(uri, "it names no host"))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if http:
+                sock.settimeout(timeout)
+                sock.sendall(f"GET /health HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                if not sock.recv(16):
+                    raise ConnectionError("the connection was closed without an answer")
+    except (OSError, ValueError) as err:
+        reason = "no answer" if isinstance(err, socket.timeout) else (err.strerror or str(err) or type(err).__name__)
+        raise RunsError(_refusal(uri, f"cannot reach {host}:{port} within {timeout:g} s ({reason}); start the "
+                                      "tracking server (mlflow server ...) or give the URI the sweep used")) from None
+
+
+def _check_sqlite(uri: str) -> None:
+    """The sqlite file exists and holds an MLflow store (opened read-only: nothing is created)."""
+    rest = uri.split("://", 1)[1].split("?", 1)[0]
+    path = rest[1:] if rest.startswith("/") else rest
+    if not path or path == ":memory:":
+        raise RunsError(_refusal(uri, "it names no database file"))
+    if not Path(path).is_file():
+        raise RunsError(_refusal(uri, f"the database file {str(Path(path).resolve())!r} does not exist, and a "
+                                      "report never creates a tracking store (check the path: sqlite:///REL.db "
+                                      "is relative to the current folder)"))
+    try:
+        with sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as err:
+        raise RunsError(_refusal(uri, f"{path!r} cannot be read as an sqlite database ({err})")) from None
+    if "experiments" not in tables:
+        raise RunsError(_refusal(uri, f"{path!r} is not an MLflow tracking store (it has no experiments table)"))
+
+
+# ---------------------------------------------------------------- duplicate run keys
+
+def _dedupe(entries: list[tuple[str, dict, pd.DataFrame]]) -> tuple[list[dict], list[pd.DataFrame], list[str]]:
+    """Records ``(source, row, curve)`` -> rows, curves, notes: one record per run key.
+    Copies that agree on the result are kept once (the one whose source is named after
+    the key, else the first), with a note; copies that disagree raise RunsError."""
+    by_key: dict[str, list] = {}
+    for entry in entries:
+        key = entry[1].get(names.RUN_KEY)
+        by_key.setdefault(key if key else id(entry), []).append(entry)
+    rows, curves, notes = [], [], []
+    for key, group in by_key.items():
+        if len(group) > 1:
+            group, note = _one_of(str(key), group)
+            notes.append(note)
+        rows.append(group[0][1])
+        curves.append(group[0][2])
+    return rows, curves, notes
+
+
+_SAME = ("loss", "n_params", "tokens", "compute")
+
+
+def _one_of(key: str, group: list) -> tuple[list, str]:
+    sources = [src for src, _, _ in group]
+    results = {tuple(row.get(k) for k in _SAME) for _, row, _ in group}
+    if len(results) > 1:
+        losses = ", ".join(f"{src}: loss {row['loss']:.6g}" for src, row, _ in group)
+        raise RunsError(f"run key {key!r} has {len(group)} finished runs with different results ({losses}); "
+                        "one run key is one result: remove or move the copies that are wrong and report again")
+    named = [e for e in group if Path(e[0]).name == key]
+    keep = named[0] if named else group[0]
+    why = "its folder is named after the run key" if named else "the first found; all agree on the result"
+    return [keep], (f"run key {key!r} appears in {len(group)} finished runs ({', '.join(sources)}) with the "
+                    f"same result; kept {keep[0]} ({why})")
 
 
 # ---------------------------------------------------------------- MLflow
@@ -98,7 +231,7 @@ def _experiment(client, experiment: str, uri: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         found = sorted(e.name for e in client.search_experiments())
-        from sweeps.runs import redact
+        from polar.sinks import redact
 
         raise RunsError(f"no MLflow experiment named {experiment!r} at tracking URI {redact(uri)!r}; "
                         f"experiments there: {found or 'none'}")
@@ -135,17 +268,35 @@ def _curve_frame(run_id: str, metrics: Mapping[str, Mapping[int, float]]) -> pd.
 def load_records(experiment: str, tracking_uri: str | None = None) -> Records:
     """Read the job runs of ``experiment``: FINISHED ones become records.
 
-    Raises RunsError when the experiment does not exist. An experiment with no
-    finished runs returns empty frames (callers decide whether that is an error).
+    Raises RunsError when the tracking URI cannot be read (check_tracking_uri), when
+    MLflow fails, when the experiment does not exist, or when two finished runs with one
+    run key disagree. An experiment with no finished runs returns empty frames (callers
+    decide whether that is an error).
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    from polar.sinks import redact
 
     uri = tracking_uri or mlflow.get_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    exp = _experiment(client, experiment, uri)
-    rows, curves, failed, unfinished = [], [], [], []
-    for run in _job_runs(client, exp.experiment_id):
+    check_tracking_uri(uri)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        exp = _experiment(client, experiment, uri)
+        entries, failed, unfinished = _read_runs(client, exp.experiment_id)
+    except (MlflowException, RequestException, OSError) as err:
+        raise RunsError(f"MLflow at {redact(uri)!r} failed while reading experiment {experiment!r} "
+                        f"({type(err).__name__}: {redact(str(err))[:300]})") from None
+    return _bundle(entries, failed, unfinished, experiment, exp.experiment_id, uri)
+
+
+def _read_runs(client, experiment_id: str) -> tuple[list, list[FailedRun], list[str]]:
+    """The job runs as (source, row, curve) entries of the FINISHED ones, the failed and
+    the unfinished ones."""
+    entries, failed, unfinished = [], [], []
+    for run in _job_runs(client, experiment_id):
         status, name, rid = run.info.status, run.info.run_name, run.info.run_id
         if status in ("FAILED", "KILLED"):
             failed.append(FailedRun(name, rid, run.data.tags.get(names.ERROR_TAG, ""), status))
@@ -158,9 +309,8 @@ def load_records(experiment: str, tracking_uri: str | None = None) -> Records:
         if row is None:
             failed.append(FailedRun(name, rid, f"finished without a {names.VAL_LOSS} metric", status))
             continue
-        rows.append(row)
-        curves.append(curve)
-    return _bundle(rows, curves, failed, unfinished, experiment, exp.experiment_id, uri)
+        entries.append((f"MLflow run {rid}", row, curve))
+    return entries, failed, unfinished
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -189,15 +339,16 @@ def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = Non
     """Records from the ``RUN_KEY/metrics.jsonl`` files under ``runs_dir`` (the jobs'
     ``paths.runs_dir``), keeping only runs of ``experiment`` when given (matched on the
     experiment_name in each run's config.yaml). Runs that ended FAILED are listed as
-    failed; runs without an end record (running, or killed) as unfinished.
-    Raises RunsError when ``runs_dir`` is not a folder."""
+    failed; runs without an end record (running, or killed) as unfinished. Raises
+    RunsError when ``runs_dir`` is not a folder, or when two run folders hold finished
+    runs with one run key and different results (copies that agree are kept once)."""
     from polar.sinks import read_jsonl
 
     root = Path(runs_dir)
     if not root.is_dir():
         raise RunsError(f"runs folder {str(root)!r} does not exist (a sweep's paths.runs_dir, "
                         f"default outputs/runs)")
-    rows, curves, failed, unfinished = [], [], [], []
+    entries, failed, unfinished = [], [], []
     for path in sorted(root.glob(f"*/{names.METRICS_FILE}")):
         if experiment is not None and _run_experiment(path.parent) != experiment:
             continue
@@ -209,9 +360,8 @@ def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = Non
         elif row is None or run.status != "FINISHED":
             unfinished.append(name)
         else:
-            rows.append(row)
-            curves.append(curve)
-    return _bundle(rows, curves, failed, unfinished, experiment or str(root), None, None)
+            entries.append((str(path.parent), row, curve))
+    return _bundle(entries, failed, unfinished, experiment or str(root), None, None)
 
 
 # ---------------------------------------------------------------- CSV

@@ -11,6 +11,12 @@ Owns the end of the pipeline (DESIGN.md, data flow step 4):
 3. write ``fits.json``, ``report.md`` and PNGs to ``--out`` and log them as artifacts
    of an analysis run (tag polar.kind = analysis) in the same experiment.
 
+Nothing is written before the records are read and fitted (a bad tracking URI, duplicate
+run keys, too few sizes are refused with one message and exit status 2). The files are
+written into a temporary sibling of ``--out`` (holding a copy of the folder's other
+files) that replaces it only when all of them are written: a report that fails midway
+leaves ``--out`` exactly as it was.
+
 ``analyse`` is the pure part (records -> dict of fits); ``write_report`` does the files.
 """
 
@@ -19,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,8 +39,9 @@ from analysis import fit as F
 from analysis.frontier import envelope, isoflop_minima, pareto_frontier
 from analysis.laws import chinchilla_optimal
 from polar import names
+from polar.atomic import atomic_path
 from polar.names import CURVE_COLUMNS
-from sweeps.runs import redact
+from polar.sinks import redact
 
 __all__ = ["ReportError", "analyse", "write_report", "main"]
 
@@ -334,20 +343,48 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     lines += [f"| {r['model']} | {_fmt(r['n_params'])} | {_fmt(r['n_params_nonembed'])} | {_fmt(r['tokens'])} | "
               f"{_fmt(r['compute'])} | {_fmt(r['loss'])} | `{r['run_id']}` |" for r in fj["runs"]]
     lines.append("")
+    return "\n".join(lines + _closing_sections(rec, fj))
+
+
+def _closing_sections(rec, fj: dict) -> list[str]:
+    """report.md's last sections: duplicate run keys, what was not computed, failed runs."""
+    lines = []
+    if rec.duplicates:
+        lines += ["## Duplicate run keys", ""] + [f"- {d}" for d in rec.duplicates] + [""]
     if fj["skipped"]:
         lines += ["## Not computed", ""] + [f"- {k}: {v}" for k, v in fj["skipped"].items()] + [""]
     if fj["failed"]:
         lines += ["## Failed runs", "", "| run | status | error | run id |", "|---|---|---|---|"]
         lines += [f"| {f['name']} | {f['status']} | {f['error'] or '–'} | `{f['run_id']}` |" for f in fj["failed"]]
         lines.append("")
-    return "\n".join(lines)
+    return lines
+
+
+# the files a report writes (the PNGs it did not write this time are removed)
+REPORT_FILES = ("report.md", "fits.json", "loss_vs_params.png", "loss_vs_compute.png", "isoflop.png", "residuals.png")
 
 
 def write_report(rec, an: dict, out_dir: Path) -> list[Path]:
-    """fits.json, report.md and the PNGs in ``out_dir``; returns the paths written."""
+    """fits.json, report.md and the PNGs in ``out_dir``, all or none: they are written
+    into a temporary sibling holding a copy of ``out_dir``'s other files, which replaces
+    ``out_dir`` when every file is written. Returns the paths written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ReportError(f"--out {str(out_dir)!r} is a file, not a folder")
+    with atomic_path(out_dir) as tmp:
+        if out_dir.is_dir():
+            shutil.copytree(out_dir, tmp, symlinks=True,
+                            ignore=lambda folder, _: REPORT_FILES if Path(folder) == out_dir else ())
+        else:
+            tmp.mkdir()
+        written = _write_files(rec, an, tmp)
+    return [out_dir / p.name for p in written]
+
+
+def _write_files(rec, an: dict, out_dir: Path) -> list[Path]:
+    """fits.json, report.md and the PNGs in the existing folder ``out_dir``."""
     from analysis import plots
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     images: dict[str, str] = {}
     sf = an["size_fit"]
     band = None
@@ -394,6 +431,10 @@ def _parser():
     return p
 
 
+# MLflow's HTTP client retries a lost server for minutes by default
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from analysis.records import RunsError, load_jsonl_records, load_records
 
@@ -403,16 +444,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --experiment NAME (runs in MLflow) or --runs-dir DIR (runs' metrics.jsonl files)")
     t0 = time.perf_counter()
     out_dir = Path(args.out or Path("reports") / (args.experiment or Path(args.runs_dir).name))
+    for var, value in MLFLOW_HTTP_DEFAULTS.items():   # a server lost after the check: fail in about a minute, not many
+        os.environ.setdefault(var, value)
     try:
         if args.runs_dir is not None:
             rec = load_jsonl_records(args.runs_dir, args.experiment)
         else:
             rec = load_records(args.experiment, args.tracking_uri)
+        for note in rec.duplicates:
+            print(f"analysis.report: note: {note}", file=sys.stderr)
         an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed)
-    except (RunsError, ReportError, F.FitError) as exc:
-        print(f"analysis.report: error: {redact(str(exc))}", file=sys.stderr)
+        files = write_report(rec, an, out_dir)
+    except (RunsError, ReportError, F.FitError, OSError) as exc:
+        print(f"analysis.report: error: {redact(str(exc))}"
+              f"{f'; {out_dir} is unchanged' if isinstance(exc, OSError) else ''}", file=sys.stderr)
         return 2
-    files = write_report(rec, an, out_dir)
     status = 0
     if not args.no_mlflow_log and rec.experiment_id is not None:
         from sweeps.runs import log_analysis_run
