@@ -8,8 +8,10 @@ resumed run already logged. `read_jsonl` reads a JsonlSink's file back.
 MLflowSink never blocks training on the server: calls only queue work, and a background
 thread delivers it in batches (log_batch, <= 1000 metrics a call), retrying with
 exponential backoff while the server is unreachable or answers with errors, and replaying
-the queue, in order, when it is back. `finish` waits a bounded time for the queue to
-drain and returns the number of metric points it could not deliver (and says so loudly).
+the queue, in order, when it is back; an outage is logged once when it starts and once
+when it ends (urllib3's per-retry warnings are filtered out). `finish` waits a bounded
+time for the queue to drain and returns the number of metric points it could not
+deliver (and says so loudly).
 
 No run lifecycle here (finding, creating, resuming or failing runs: sweeps.runs), and no
 names (polar.names). MLflow is imported only inside functions (its import takes seconds).
@@ -183,13 +185,14 @@ class MLflowSink:
             from mlflow import MlflowClient
 
             client = MlflowClient(tracking_uri)
+        quiet_urllib3_retries()
         self.client, self.run_id, self.uri = client, run_id, tracking_uri
         self.drain_timeout, self.backoff = drain_timeout, backoff
         self._queue: deque[_Task] = deque()
         self._cond = threading.Condition()
         self._wake = threading.Event()
         self._inflight: _Task | None = None
-        self._closing = self._abandoned = False
+        self._closing = self._abandoned = self._outage = False
         self._thread: threading.Thread | None = None
         self.failures = 0            # failed delivery attempts (each retried)
         self.dropped_points = 0      # metric points refused for good by the server
@@ -252,11 +255,16 @@ class MLflowSink:
         self._wake.set()
         self.undelivered = left + self.dropped_points
         if self.undelivered:
-            shout(f"{self.undelivered} metric points of MLflow run {self.run_id} were NOT delivered to "
-                  f"{redact(self.uri) or 'the default tracking URI'} (last error: {self.last_error}); they are in "
+            run = f"MLflow run {self.run_id}" if self.run_id else "a run never created (the server was not reached)"
+            shout(f"{self.undelivered} metric points of {run} were NOT delivered to "
+                  f"{self._where()} (last error: {self.last_error or 'none, the first try was cut short'}); they are in "
                   "the run's metrics.jsonl: re-run the same job (it resumes and replays them) or replay them "
                   "with `python -m sweeps.runs replay RUN_DIR`")
         return self.undelivered
+
+    def _where(self) -> str:
+        """The tracking URI this sink delivers to, as it may be printed."""
+        return redact(self.uri or os.environ.get("MLFLOW_TRACKING_URI")) or "the default tracking URI"
 
     # ---- state
     def flush(self, timeout: float) -> bool:
@@ -320,9 +328,10 @@ class MLflowSink:
                 self.failures += 1
                 task.tries += 1
                 self.last_error = redact(f"{type(err).__name__}: {str(err)[:300]}")
-                if task.tries == 1 or task.tries % 10 == 0:
-                    log.warning("MLflow delivery failed (%s); retrying in %.1f s, %d metric points queued",
-                                self.last_error, delay, self.pending_points)
+                if not self._outage:          # one line per outage, however long it lasts
+                    self._outage = True
+                    log.warning("MLflow at %s cannot be reached (%s); retrying with backoff, %d metric "
+                                "points queued", self._where(), self.last_error, self.pending_points)
                 with self._cond:
                     self._queue.appendleft(task)
                     self._inflight = None
@@ -333,6 +342,9 @@ class MLflowSink:
                 delay = min(delay * 2, self.backoff[1])
                 continue
             delay = self.backoff[0]
+            if self._outage:
+                self._outage = False
+                log.warning("MLflow at %s answers again; delivering what was queued", self._where())
             with self._cond:
                 self._inflight = None
                 self._cond.notify_all()
@@ -403,6 +415,24 @@ def hide_run_urls(uri: str | None) -> None:
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and redact(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
+class _NoRetryNoise(logging.Filter):
+    """Drops urllib3's "Retrying (Retry(total=...)) after connection broken by ..." lines:
+    the sink says once per outage that the server is away (several per failed call else)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying")
+
+
+_RETRY_FILTER = _NoRetryNoise()
+
+
+def quiet_urllib3_retries() -> None:
+    """Keep urllib3's per-retry warnings out of the log (idempotent)."""
+    logger = logging.getLogger("urllib3.connectionpool")
+    if _RETRY_FILTER not in logger.filters:
+        logger.addFilter(_RETRY_FILTER)
 
 
 def shout(message: str) -> None:

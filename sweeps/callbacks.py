@@ -27,7 +27,7 @@ class MlflowSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.tracking.backend == "off" or config.hydra.launcher.get("_target_", "").endswith("DryRunLauncher"):
             return
-        from sweeps.runs import open_sweep, redact, resolved_uri
+        from sweeps.runs import open_sweep, redact, resolved_uri, ui_link
 
         self.uri = resolved_uri(config.tracking.uri)
         if config.tracking.uri is None:
@@ -35,7 +35,7 @@ class MlflowSweep(Callback):
         self.experiment_id, self.parent_run_id, sweep_id = open_sweep(config.experiment_name, self.uri)
         atexit.register(self._close)
         print(f"sweep {sweep_id}: MLflow experiment {config.experiment_name!r} (id {self.experiment_id}) "
-              f"at {redact(self.uri)}", flush=True)
+              f"at {redact(self.uri)}; its runs in the UI: {ui_link(self.uri, self.experiment_id)}", flush=True)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Hydra has saved the job's config (.hydra/*.yaml) and the sweep's multirun.yaml by

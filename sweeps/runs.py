@@ -2,7 +2,12 @@
 
 - Where: tracking.uri, else $MLFLOW_TRACKING_URI, else MLflow's default
   `sqlite:///mlflow.db`, made absolute once by the sweep (`resolved_uri`) so that every job
-  logs to the same store whatever its working directory.
+  logs to the same store whatever its working directory. An sqlite store is created and
+  migrated once per process under a file lock (`prepare_store`, called by `client`), so
+  that parallel jobs can open a new one; its experiments keep their artifacts beside it,
+  in <db folder>/mlartifacts/<experiment name> (`artifact_root`). Experiments are created
+  tagged as model training (mlflow.experimentKind); MLflow 3.17's UI picks its view from
+  the link instead, so `ui_link` gives the address of an experiment's runs table.
 - A sweep (`open_sweep` / `close_sweep`, called by the Hydra callback sweeps.callbacks):
   the experiment, created once before any job starts (parallel creation races in MLflow);
   a parent run (tag polar.kind=sweep) whose children the jobs' runs become; the ids go to
@@ -23,7 +28,9 @@
   module, sweeps.callbacks and analysis print or store about a URI goes through `redact`.
 
 CLI: `python -m sweeps.runs replay RUN_DIR [--uri URI]` delivers what a run's
-metrics.jsonl holds and its MLflow run lacks. MLflow is imported inside functions; with
+metrics.jsonl holds and its MLflow run lacks; for a job that never reached its server
+(no mlflow_run_id), it creates the run first. A job that ends with points undelivered
+prints that command, ready to run, as its last line. MLflow is imported inside functions; with
 tracking.backend=off only the JSONL file is written.
 """
 
@@ -32,6 +39,8 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -59,6 +68,7 @@ from polar.sinks import (
     SkipLogged,
     TeeSink,
     hide_run_urls,
+    quiet_urllib3_retries,
     read_jsonl,
     redact,
     shout,
@@ -69,6 +79,10 @@ ENV_EXPERIMENT_ID = "POLAR_MLFLOW_EXPERIMENT_ID"
 ENV_PARENT_RUN_ID = "POLAR_PARENT_RUN_ID"
 ENV_SWEEP_ID = "POLAR_SWEEP_ID"
 RUN_ID_FILE = "mlflow_run_id"
+ARTIFACTS_DIR = "mlartifacts"    # beside an sqlite store: the artifacts of its experiments
+# MLflow's experiment-kind tag (MLflow 3): the UI opens a training experiment on its runs table
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
 MAX_REASON = 4000                # characters of a failure reason kept in tag polar.error
 # sacct states of a job that may still write to its run (requeued jobs pass through these)
 SLURM_LIVE_STATES = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
@@ -90,11 +104,63 @@ def resolved_uri(uri: str | None) -> str:
     return uri
 
 
+def ui_link(uri: str | None, experiment_id: str) -> str:
+    """Where the MLflow UI shows an experiment's runs table (MLflow 3.17's UI picks its
+    view from ?workflowType, not from the experiment's kind tag); for a store without a
+    server, on `mlflow ui`'s default address. Credentials hidden."""
+    uri = resolved_uri(uri)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return redact(f"{base}/#/experiments/{experiment_id}?workflowType=machine_learning")
+
+
 def quiet_http_retries() -> None:
     """MLflow retries a failed HTTP call 7 times with backoff (minutes); polar's sink
-    retries on its own, so keep MLflow's to 2 unless the user set them."""
+    retries on its own, so keep MLflow's to 2 unless the user set them, and keep urllib3's
+    warning per retry out of the log."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    quiet_urllib3_retries()
+
+
+def sqlite_path(uri: str | None) -> Path | None:
+    """The database file of an sqlite tracking URI (absolute), or None for other stores."""
+    uri = resolved_uri(uri)
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):].split("?", 1)[0]) if uri.startswith(prefix) else None
+
+
+def artifact_root(uri: str | None) -> Path | None:
+    """Where the artifacts of a store's experiments go: `mlartifacts/` beside an sqlite
+    database; None for other stores (a server decides with --artifacts-destination)."""
+    db = sqlite_path(uri)
+    return db.parent / ARTIFACTS_DIR if db is not None else None
+
+
+_PREPARED: set[str] = set()
+
+
+def prepare_store(uri: str | None) -> None:
+    """Create and migrate an sqlite store once, under a file lock (<db>.lock beside it),
+    before this process touches it: MLflow's own first-use migration races when several
+    processes open a new store at once. Once per process and URI; other stores: nothing."""
+    db = sqlite_path(uri)
+    if db is None or str(db) in _PREPARED:
+        return
+    if not db.parent.is_dir():
+        raise FileNotFoundError(f"the folder of the sqlite tracking store {db} does not exist; create it "
+                                "or fix tracking.uri / MLFLOW_TRACKING_URI (sqlite:////absolute/path/mlflow.db)")
+    import fcntl
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            store = SqlAlchemyStore(resolved_uri(uri), str(artifact_root(uri)))   # creates, migrates
+            store.engine.dispose()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _PREPARED.add(str(db))
 
 
 def sweep_id() -> str:
@@ -113,17 +179,22 @@ def git_sha() -> str:
 
 
 def client(uri: str | None):
+    """An MlflowClient for `uri` (None: $MLFLOW_TRACKING_URI or MLflow's default); an
+    sqlite store is created and migrated first (`prepare_store`)."""
     from mlflow import MlflowClient
 
     hide_run_urls(uri)
+    prepare_store(uri)
     return MlflowClient(uri)
 
 
 # ------------------------------------------------------------ experiments and runs
 
 def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
-    """The id of experiment `name`, created when missing. Call it once, in the submitting
-    process, before jobs start (parallel creation can race in MLflow)."""
+    """The id of experiment `name`, created when missing: tagged as a model-training
+    experiment (MLflow UIs that read the tag open it on its runs table), with its
+    artifacts in <artifact_root>/<name> for an sqlite store. Call it once, in the
+    submitting process, before jobs start (parallel creation can race in MLflow)."""
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)
@@ -133,8 +204,11 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
             raise ValueError(f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
                              f"--experiment-id {found.experiment_id}`) or choose another experiment_name")
         return found.experiment_id
+    root = artifact_root(tracking_uri)
+    location = str(root / re.sub(r"[^A-Za-z0-9._-]", "_", name)) if root is not None else None
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=location,
+                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND_TRAINING})
     except MlflowException:         # created meanwhile by another process
         return c.get_experiment_by_name(name).experiment_id
 
@@ -310,7 +384,7 @@ class JobRun:
             self.sink = NullSink()
             return
         if run_id or resolve:
-            self.remote = MLflowSink(run_id, job.tracking.uri, resolve=resolve)
+            self.remote = MLflowSink(run_id, job.tracking.uri, resolve=resolve, client=client(job.tracking.uri))
         # the steps each key logged, not the largest one: a damaged step (55 -> 955) must
         # not drop every later point; the resume point is the checkpoint's
         self.sink = SkipLogged(TeeSink(JsonlSink(self.run_dir / METRICS_FILE), self.remote or NullSink()),
@@ -330,6 +404,7 @@ class JobRun:
         quiet_http_retries()
         hide_run_urls(job.tracking.uri)
         uri, saved = job.tracking.uri, _saved_run_id(run_dir)
+        prepare_store(uri)                       # a bad sqlite path is an error, not an outage
         try:
             exp_id = os.environ.get(ENV_EXPERIMENT_ID)
             if not exp_id:                       # not under a sweep: do the sweep's housekeeping
@@ -438,12 +513,10 @@ class JobRun:
             self.sink.set_tags({ERROR_TAG: reason[:MAX_REASON]})
         self.undelivered = self.sink.finish(status) or 0
         if self.undelivered:
-            run_id = self.remote.run_id if self.remote is not None else self.run_id
-            note = (f"run {run_id} ({self.run_dir}): {self.undelivered} metric points NOT delivered to "
-                    f"MLflow; replay them with `python -m sweeps.runs replay {self.run_dir}`")
             if not _UNDELIVERED:
                 atexit.register(_last_words)
-            _UNDELIVERED.append(note)
+            _UNDELIVERED.append(f"{self.undelivered} metric points await delivery to MLflow; send them with: "
+                                f"{replay_command(self.run_dir, self.job.tracking.uri)}")
 
     def _config_yaml(self) -> str:
         from omegaconf import OmegaConf
@@ -456,9 +529,10 @@ def _saved_run_id(run_dir: Path) -> str | None:
     return (path.read_text().strip() or None) if path.exists() else None
 
 
-def _create(exp_id: str, key: str, name: str, run_dir: Path, uri: str | None) -> str:
-    tags = {names.RUN_KEY: key, KIND_TAG: names.JOB, names.SWEEP_ID: sweep_id(),
-            names.GIT_SHA: git_sha(), **process_tags()}
+def _create(exp_id: str, key: str, name: str, run_dir: Path, uri: str | None, *, sweep: str | None = None,
+            with_process: bool = True) -> str:
+    tags = {names.RUN_KEY: key, KIND_TAG: names.JOB, names.SWEEP_ID: sweep or sweep_id(),
+            names.GIT_SHA: git_sha(), **(process_tags() if with_process else {})}
     if os.environ.get(ENV_PARENT_RUN_ID):
         tags[names.PARENT_RUN_TAG] = os.environ[ENV_PARENT_RUN_ID]
     run_id = create_run(exp_id, name, tags, uri)
@@ -490,9 +564,19 @@ def _hydra_overrides() -> list[str]:
         return []
 
 
+def replay_command(run_dir: Path, uri: str | None) -> str:
+    """The command that sends what a run folder holds and MLflow lacks (password hidden:
+    put it back in place of *** to run it)."""
+    uri = redact(uri or os.environ.get("MLFLOW_TRACKING_URI") or resolved_uri(None))
+    return f"python -m sweeps.runs replay {shlex.quote(str(Path(run_dir).resolve()))} --uri {shlex.quote(uri)}"
+
+
 def _last_words() -> None:
+    """The process's last lines on stderr: per run, the points awaiting delivery and
+    the command that sends them."""
+    print("\n" + "!" * 78, file=sys.stderr)
     for note in _UNDELIVERED:
-        shout(note)
+        print(f"!! {note}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------ replay
@@ -515,21 +599,72 @@ def replay_missing(source, sink, mlflow_client=None) -> int:
 
 def replay(run_dir: str | Path, uri: str | None = None, timeout: float = 300.0) -> int:
     """Deliver what RUN_DIR/metrics.jsonl holds and its MLflow run lacks; returns the
-    number of points still undelivered (0 on success)."""
+    number of points still undelivered (0 on success). A folder without mlflow_run_id
+    (its job never reached the server) gets its run created first (`_replay_run`)."""
     run_dir = Path(run_dir)
-    run_id = _saved_run_id(run_dir)
-    if run_id is None:
-        raise FileNotFoundError(f"no {RUN_ID_FILE} in {run_dir}: not a run folder of a tracked job")
+    if not (run_dir / METRICS_FILE).is_file():
+        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}: not the run folder of a job "
+                                "(outputs/runs/<run key>/ holds one)")
     quiet_http_retries()
     hide_run_urls(uri)
     local = read_jsonl(run_dir / METRICS_FILE)
-    sink = MLflowSink(run_id, uri)
+    run_id = _saved_run_id(run_dir)
+    sink = MLflowSink(run_id or _replay_run(run_dir, local, uri), uri, client=client(uri))
+    if run_id is None:
+        _replay_start(sink, run_dir, local)
     sent = replay_missing(local, sink)
     if local.status in ("FINISHED", "FAILED", "KILLED"):
         return sink.finish(local.status, timeout=timeout) or 0
     sink.flush(timeout)
     print(f"replayed {sent} points into MLflow run {run_id}", flush=True)
     return sink.pending_points
+
+
+def _replay_run(run_dir: Path, local: JsonlRun, uri: str | None) -> str:
+    """Create the MLflow run of a job that never reached its server, as the job would
+    have (experiment from config.yaml, run key and name from metrics.jsonl's tags), with
+    its params and config artifacts; returns its id (also written to mlflow_run_id)."""
+    import yaml
+
+    key, name = local.tags.get(names.RUN_KEY), local.tags.get(names.RUN_NAME_TAG)
+    config_path = run_dir / CONFIG_FILE
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    experiment = config.get("experiment_name") if isinstance(config, dict) else None
+    if not (key and name and experiment):
+        raise ValueError(f"{run_dir} lacks what its MLflow run is made from: the tags {names.RUN_KEY} and "
+                         f"{names.RUN_NAME_TAG} in {METRICS_FILE} (found {key!r}, {name!r}) and experiment_name "
+                         f"in {CONFIG_FILE} (found {experiment!r}); is it a job's run folder?")
+    exp_id = ensure_experiment(experiment, uri)
+    run = find_run(exp_id, key, uri)
+    if run is not None and run.info.status == "FINISHED":
+        raise RuntimeError(f"run key {key} already has a FINISHED MLflow run ({run.info.run_id}) in experiment "
+                           f"{experiment!r}; {run_dir} is another attempt: delete that run first to replace it")
+    if run is not None:
+        _supersede(run, run_dir, uri)
+    run_id = _create(exp_id, key, name, run_dir, uri, sweep=local.params.get(names.SWEEP_ID, "none"),
+                     with_process=False)
+    print(f"created MLflow run {run_id} ({name}) in experiment {experiment!r} for {run_dir}", flush=True)
+    return run_id
+
+
+def _replay_start(sink: MLflowSink, run_dir: Path, local: JsonlRun) -> None:
+    """Queue what JobRun.start (and complete: the model, under 1B parameters) would have
+    logged into a run created by replay; a job that ended without a status (killed) has
+    its run end FAILED, saying so."""
+    sink.log_params(local.params)
+    for artifact in (CONFIG_FILE, OVERRIDES_FILE):
+        if (run_dir / artifact).is_file():
+            sink.log_text((run_dir / artifact).read_text(), artifact)
+    tags = dict(local.tags)
+    if local.status == "FINISHED":
+        tags.pop(ERROR_TAG, None)              # an earlier attempt's failure, resumed since
+    if local.status is None:
+        tags[ERROR_TAG] = f"replayed from {run_dir}, whose job ended without a status (killed?)"
+        local.status = "FAILED"
+    sink.set_tags(tags)
+    model, n_params = run_dir / "model", local.params.get("n_params", "")
+    if local.status == "FINISHED" and model.is_dir() and n_params.isdigit() and int(n_params) < 1e9:
+        sink.log_artifacts(str(model), "model")     # as the job's complete() logs it
 
 
 # ------------------------------------------------------------ analysis runs

@@ -104,6 +104,25 @@ def test_the_sink_queues_while_the_server_is_away_and_replays_in_order():
     assert max(client.batches) <= 1000 and len(client.batches) < 300   # merged into batches on replay
 
 
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(caplog):
+    import logging
+
+    from polar.sinks import quiet_urllib3_retries
+
+    client = FlakyClient(down=40)
+    sink = _sink(client)
+    sink.backoff = (0.001, 0.002)
+    with caplog.at_level(logging.WARNING, logger="polar.sinks"):
+        sink.log_many([({"train/loss": 1.0}, s) for s in range(1, 11)])
+        assert sink.finish("FINISHED", timeout=10) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "polar.sinks"]
+    assert sink.failures == 40 and len(lines) == 2, lines
+    assert "cannot be reached" in lines[0] and "answers again" in lines[1]
+    quiet_urllib3_retries()
+    retry = logging.getLogger("urllib3.connectionpool")
+    assert not retry.filter(logging.makeLogRecord({"msg": "Retrying (Retry(total=1)) after connection broken"}))
+
+
 def test_undelivered_points_are_counted_and_reported_loudly(capfd):
     client = FlakyClient(down=10**9)
     sink = _sink(client)

@@ -59,7 +59,7 @@ def _steps(client, run_id, key):
 def test_sixteen_processes_logging_at_once_lose_no_point(store, monkeypatch):
     from sweeps.runs import create_run, ensure_experiment
 
-    monkeypatch.chdir(store.cwd)           # a sqlite store puts artifacts in ./mlruns
+    monkeypatch.chdir(store.cwd)           # nothing is written to the working directory
     n_jobs, steps, flush_every = 16, 300, 25
     exp = ensure_experiment(f"parallel-{store.kind}", store.uri)
     run_ids = [create_run(exp, f"job-{i}", {"polar.kind": "job"}, store.uri) for i in range(n_jobs)]
@@ -161,7 +161,7 @@ def test_a_failed_run_says_why_and_a_rerun_resumes_it_replaying_what_mlflow_lack
     from sweeps.runs import JobRun
     from sweeps.schema import JobConfig, TrackingConfig
 
-    monkeypatch.chdir(store.cwd)           # a sqlite store puts artifacts in ./mlruns
+    monkeypatch.chdir(store.cwd)           # nothing is written to the working directory
     job = JobConfig(tracking=TrackingConfig(uri=store.uri), experiment_name=f"fail-{store.kind}")
     run_dir = tmp_path / "run"
     first = JobRun.open(job, "k-fail", "polar-tiny-fail", run_dir)
