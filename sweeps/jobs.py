@@ -3,7 +3,10 @@ inputs (sweeps.stages) -> fit -> save the model.
 
 The run key (a hash of every configuration value that changes the result) names the
 run's folder and tags its MLflow run: a finished run is skipped, an interrupted one
-resumes from its checkpoint into the same MLflow run.
+resumes from its checkpoint into the same MLflow run. While a job writes its run folder,
+rank 0 holds an exclusive lock on `.lock` in it (run_folder_lock, with tracking on or
+off): the same run started again meanwhile is refused at once (RunLocked), never trained
+twice; the lock dies with its process, so a killed job never blocks the next start.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ import hashlib
 import json
 import os
 import signal
+import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
+
+from hydra.errors import CompactHydraException
 
 from polar.model import ShapeCounts
 from polar.names import RunParams
@@ -24,6 +31,12 @@ from sweeps.stages import Measured, stage_of
 
 WAIT_FOR_REQUEUE_S = 600                    # how long ranks > 0 wait for rank 0's requeue to end them
 PROGRESS_LINE_ENV = "POLAR_PROGRESS_LINE"   # the terminal line of this job's progress bar (parallel jobs)
+LOCK_FILE = ".lock"                         # in the run folder: held (flock) by the job writing it
+
+
+class RunLocked(CompactHydraException, RuntimeError):
+    """The job's run folder is being written by another job (its lock is held): refused
+    before anything is read or written. Printed as its message alone, without a traceback."""
 
 
 def plan_of(job: JobConfig, measured: Measured | None = None, counts: ShapeCounts | None = None) -> Plan:
@@ -124,13 +137,63 @@ def run_job(job: JobConfig, job_index: str = "", plan: Plan | None = None) -> di
               + (f" ranks={env.world_size} ({plan.parallel})" if env.distributed else ""), flush=True)
     if not torch.cuda.is_available() and (reason := local_refusal(plan, job.resources)):
         raise RuntimeError(reason)
-    owns_group = env.distributed and not torch.distributed.is_initialized()
-    init_distributed(env)
+    with ExitStack() as held:
+        if env.is_main:                     # ranks > 0 do not write the folder
+            held.enter_context(run_folder_lock(run_dir, key, name))
+        owns_group = env.distributed and not torch.distributed.is_initialized()
+        init_distributed(env)
+        try:
+            return _run_ranks(job, plan, key, name, run_dir, env, job_index)
+        finally:
+            if owns_group:
+                shutdown()
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path, key: str, name: str = ""):
+    """An exclusive flock on run_dir/.lock (the folder made first) for as long as the
+    context lasts, with the holder's pid, host and start time written in it; another
+    holder makes it raise RunLocked at once. The kernel releases the lock when the
+    process ends, however it ends. A file system without flock support only gets a note."""
+    import fcntl
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        return _run_ranks(job, plan, key, name, run_dir, env, job_index)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLocked(_locked_message(run_dir, key, name, _lock_holder(fd))) from None
+        except OSError as err:
+            print(f"note: cannot lock {run_dir / LOCK_FILE} ({err}); nothing stops a second job from writing "
+                  "this run folder at the same time: start each run once", flush=True)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                      "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        yield
     finally:
-        if owns_group:
-            shutdown()
+        os.close(fd)                        # releases the lock
+
+
+def _lock_holder(fd: int) -> dict:
+    """What the lock's holder wrote in it ({} when it has not written it yet, or not JSON)."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _locked_message(run_dir: Path, key: str, name: str, holder: dict) -> str:
+    who = (f"process {holder.get('pid', '?')} on host {holder.get('host', '?')} (since {holder.get('since', '?')})"
+           if holder else "another process")
+    stop = f"stop it (kill {holder['pid']} on {holder.get('host', 'its host')})" if holder.get("pid") else "stop it"
+    return (f"run {name or key} (run key {key}) is being written by another job: {who} holds the lock "
+            f"{run_dir / LOCK_FILE} on its run folder {run_dir}, and two jobs must never train one run folder. "
+            f"Wait for that job to end (then run this command again: a finished run is skipped), or {stop} and "
+            "run this command again: the run resumes from its last checkpoint.")
 
 
 def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, env, job_index: str) -> dict:

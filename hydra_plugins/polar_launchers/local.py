@@ -13,11 +13,22 @@ launcher runs them. Several at a time: each job runs in a fresh process (spawned
 torch or MLflow state is shared), with its progress bar on a line of its own; the jobs
 with the most planned compute start first, so that no long job runs alone at the end. An app that is not a POLAR sweep
 (base.is_polar_sweep) has no plan: its jobs are composed first, then run one at a time.
+
+Workers die with the launcher: each watches its parent (_watch_parent, every
+PARENT_POLL_S) and, once the parent is gone however it ended (SIGKILL included), sends
+itself SIGTERM, so that its job ends through its SIGTERM path (sweeps.jobs: the run is
+marked FAILED with the reason) and the worker exits without returning its result to a
+parent that will never read it (at most ORPHAN_GRACE_S later in any case). A SIGTERM to
+the launcher terminates its workers the same way before the launcher exits.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,6 +38,14 @@ import cloudpickle
 from hydra.core.utils import JobReturn, configure_log, run_job, setup_globals
 
 from hydra_plugins.polar_launchers.base import PlanningLauncher, compose_jobs, is_polar_sweep, plan_jobs, sweep_config
+
+PARENT_POLL_S = 0.5         # how often a worker checks that the launcher still lives
+ORPHAN_GRACE_S = 60         # how long an orphaned worker's job may take to end before the worker exits anyway
+WORKERS_STOP_S = 30         # how long the launcher, on SIGTERM, waits for its workers to end their jobs
+
+
+class LauncherTerminated(SystemExit):
+    """The launcher received SIGTERM while its workers ran (they are terminated too)."""
 
 
 class LocalLauncher(PlanningLauncher):
@@ -100,7 +119,9 @@ class LocalLauncher(PlanningLauncher):
 
         state, results = Singleton.get_state(), {}
         running, free_lines = {}, list(range(workers))
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), max_tasks_per_child=1,
+                                   initializer=_watch_parent, initargs=(os.getpid(),))
+        with pool, StopWorkersOnSigterm(pool):
             while queue or running:
                 while queue and free_lines:
                     i, overrides = queue.pop(0)
@@ -126,9 +147,73 @@ def _run(hydra_context, task_function, job_config) -> JobReturn:
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
+class StopWorkersOnSigterm:
+    """While the workers run (in the main thread only): a SIGTERM to the launcher sends
+    SIGTERM to every worker, waits up to WORKERS_STOP_S for them to end their jobs (each
+    run marked FAILED with the reason), kills any left, and exits with status 143."""
+
+    def __init__(self, pool: ProcessPoolExecutor):
+        self.pool, self.previous = pool, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._terminate)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _terminate(self, signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # one stop is enough
+        print(f"[local launcher] terminated by signal {signum}: stopping its workers (their runs end FAILED; "
+              "run the sweep again to resume them)", file=sys.stderr, flush=True)
+        stop_workers(list((self.pool._processes or {}).values()), WORKERS_STOP_S)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        raise LauncherTerminated(128 + signum)
+
+
+def stop_workers(processes: list, timeout_s: float) -> None:
+    """SIGTERM to each live process, then SIGKILL to those still alive after timeout_s."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+
+_orphaned = threading.Event()   # set in a worker once its launcher is gone
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """A worker's initializer: a daemon thread that, once the launcher (parent_pid) is
+    gone (the worker re-parented), sends SIGTERM to this worker, whose job then ends
+    through its SIGTERM path; ORPHAN_GRACE_S later the worker exits regardless.
+    (A parent-death signal, prctl PR_SET_PDEATHSIG, would fire when the launcher's thread
+    that started the worker ends, which is the pool's management thread for the workers
+    that replace finished ones: not the launcher's death. Polling is exact and portable.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        _orphaned.set()
+        print(f"[worker {os.getpid()}] the sweep's launcher (pid {parent_pid}) is gone: ending this job",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="polar-parent-watch", daemon=True).start()
+
+
 def _run_in_child(payload: bytes, line: int) -> bytes:
     """One job in a spawned worker: Hydra's global state as in the launcher, then run_job;
-    its JobReturn goes back cloudpickled too."""
+    its JobReturn goes back cloudpickled too. An orphaned worker (_watch_parent) exits as
+    soon as its job has ended: nobody reads what it would send back."""
     from hydra.core.singleton import Singleton
 
     from sweeps.jobs import PROGRESS_LINE_ENV
@@ -137,4 +222,10 @@ def _run_in_child(payload: bytes, line: int) -> bytes:
     Singleton.set_state(state)
     setup_globals()
     os.environ[PROGRESS_LINE_ENV] = str(line)
-    return cloudpickle.dumps(_run(hydra_context, task_function, job_config))
+    try:
+        return cloudpickle.dumps(_run(hydra_context, task_function, job_config))
+    finally:
+        if _orphaned.is_set():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGTERM)
