@@ -400,7 +400,7 @@ class JobRun:
     @classmethod
     def _open(cls, job: JobConfig, key: str, name: str, run_dir: Path) -> "JobRun":
         if job.tracking.backend == "off":
-            return cls(job, run_dir)
+            return cls._untracked(job, run_dir)
         quiet_http_retries()
         hide_run_urls(job.tracking.uri)
         uri, saved = job.tracking.uri, _saved_run_id(run_dir)
@@ -428,6 +428,16 @@ class JobRun:
             shout(f"{run_dir / RUN_ID_FILE} names MLflow run {saved}, which the experiment's runs of key {key} "
                   "do not include; starting a new run (earlier points are replayed from metrics.jsonl)")
         return cls(job, run_dir, _create(exp_id, key, name, run_dir, uri))
+
+    @classmethod
+    def _untracked(cls, job, run_dir: Path) -> "JobRun":
+        """tracking=off: the run folder alone says whether the run finished (its
+        metrics.jsonl ends FINISHED), as MLflow would with tracking on."""
+        local = read_jsonl(run_dir / METRICS_FILE)
+        if local.status == "FINISHED":
+            final = local.metrics.get(names.VAL_LOSS_FINAL, {})
+            return cls(job, run_dir, finished=True, final_loss=final[max(final)] if final else None, previous=local)
+        return cls(job, run_dir)
 
     @classmethod
     def _offline(cls, job, key, name, run_dir, saved, err) -> "JobRun":

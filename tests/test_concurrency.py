@@ -107,16 +107,20 @@ def test_the_same_run_started_twice_trains_once_and_a_killed_holder_never_blocks
     assert 20 < killed_at < len(steps)
 
 
-def test_a_finished_run_is_still_skipped_with_tracking_on(tmp_path):
+@pytest.mark.parametrize("tracking", ["mlflow", "off"])
+def test_a_finished_run_is_skipped_with_tracking_on_or_off(tmp_path, tracking):
     from sweeps.jobs import LOCK_FILE
 
-    cmd = sweep_cmd(tmp_path, "model=10k", "budget.tokens=2e4", "train.n_evals=2", tracking="mlflow")
+    cmd = sweep_cmd(tmp_path, "model=10k", "budget.tokens=2e4", "train.n_evals=2", tracking=tracking)
     for i in range(2):
         out = subprocess.run([*cmd, f"hydra.run.dir={tmp_path}/h{i}"], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
+        if i == 0:
+            (run,) = run_dirs(tmp_path)
+            first = (run / "metrics.jsonl").read_bytes()
     assert "finished earlier" in out.stdout
-    (run,) = run_dirs(tmp_path)
+    assert (run / "metrics.jsonl").read_bytes() == first         # not trained again
     assert json.loads((run / LOCK_FILE).read_text())["pid"] > 0
 
 
