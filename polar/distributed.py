@@ -8,17 +8,20 @@ CPU); wrapping a model for data parallelism (`wrap_model`: DDP, or FSDP2's fully
 per decoder layer and at the root, for models whose weights and AdamW state do not fit
 one GPU); and the small collectives a data-parallel trainer needs (`shard`,
 `mean_across`, `any_rank`, `broadcast_object`, `on_main`, `no_grad_sync`, `full_state_dict`, and
-`training_state` / `load_training_state` for checkpoints that any world size resumes). A single process (no launcher) is world size 1 and
+`training_state` / `load_training_state` for checkpoints that any world size resumes);
+and `failures_end_the_job`, which ends every rank soon after one raises. A single
+process (no launcher) is world size 1 and
 every helper is then a no-op, so the same code runs on a laptop.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -132,6 +135,67 @@ def init_distributed(env: DistEnv | None = None, backend: str | None = None,
     return env
 
 
+FAILED_KEY = "polar/failed"
+
+
+@contextmanager
+def failures_end_the_job(env: DistEnv, on_failure: Callable[[str], None] | None = None, poll_s: float = 2.0):
+    """Several ranks: a rank that raises inside the block writes its rank and error to the
+    process group's store before raising; a watchdog thread on every other rank reads it
+    within poll_s, calls on_failure(reason) (rank 0 ends its run FAILED with it), says so
+    and ends its process, so no rank waits in a collective for the group's timeout. A
+    store that no longer answers means rank 0 (which serves it) has ended: the same. A
+    stop for a requeue (SystemExit, polar.trainer.Preempted) is not a failure."""
+    if not env.distributed or not _grouped():
+        yield
+        return
+    store = dist.distributed_c10d._get_default_store()
+    stop = threading.Event()
+    watch = threading.Thread(target=_watch_failures, args=(store, env, stop, on_failure, poll_s), daemon=True)
+    watch.start()
+    try:
+        yield
+    except BaseException as err:
+        stop.set()
+        if isinstance(err, SystemExit) or type(err).__name__ == "Preempted":
+            raise
+        first = _failure_of_another_rank(store)
+        if first is not None:      # this rank fails because another did (a collective broke): say which
+            raise RuntimeError(f"{first} (here, on rank {env.rank}: {type(err).__name__})") from err
+        store.set(FAILED_KEY, f"rank {env.rank} raised {type(err).__name__}: {str(err)[:1500]}")
+        raise
+    finally:
+        stop.set()
+
+
+def _failure_of_another_rank(store) -> str | None:
+    try:
+        return store.get(FAILED_KEY).decode() if store.check([FAILED_KEY]) else None
+    except Exception:   # noqa: BLE001 - the store is gone with rank 0
+        return None
+
+
+def _watch_failures(store, env: DistEnv, stop: threading.Event, on_failure, poll_s: float) -> None:
+    while not stop.wait(poll_s):
+        try:
+            if not store.check([FAILED_KEY]):
+                continue
+            reason = store.get(FAILED_KEY).decode()
+        except Exception as err:   # noqa: BLE001 - rank 0's store is gone: rank 0 has ended
+            if stop.is_set():
+                return
+            reason = f"rank 0 ended (its store no longer answers: {type(err).__name__})"
+        if stop.is_set():
+            return
+        print(f"[rank {env.rank}] ending this rank: {reason}", flush=True)
+        if on_failure is not None:
+            try:
+                on_failure(reason)
+            except Exception as err:   # noqa: BLE001 - ending matters more than the record
+                print(f"[rank {env.rank}] could not record the failure: {err}", flush=True)
+        os._exit(1)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -142,7 +206,8 @@ def wrap_model(model: torch.nn.Module, mode: str, env: DistEnv | None = None,
     """Wrap for data parallelism: "none", "ddp" (replicas, gradients all-reduced) or
     "fsdp" (FSDP2: each decoder layer, then the root, fully_shard-ed over all ranks;
     parameters become DTensor shards, so build the optimizer after wrapping).
-    param_dtype (fsdp) computes in that dtype with float32 gradient reduction."""
+    param_dtype (fsdp): gather parameters and reduce gradients in that dtype (bf16 on
+    GPUs); the sharded master weights and the optimizer state stay float32."""
     if mode not in PARALLEL_MODES:
         raise ValueError(f"parallel mode {mode!r} is not valid; choose one of {list(PARALLEL_MODES)}")
     env = env or dist_env()
@@ -162,7 +227,8 @@ def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None) -> tor
 
     device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # POLAR's recipe: parameters gathered and gradients reduced in param_dtype (bf16), fp32 master weights
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype)
     for layer in unwrap(model).base_model.layers:      # Llama, Qwen2 and GPT-NeoX name them alike
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     return fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -197,7 +197,7 @@ def _locked_message(run_dir: Path, key: str, name: str, holder: dict) -> str:
 
 
 def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, env, job_index: str) -> dict:
-    from polar.distributed import broadcast_object, on_main
+    from polar.distributed import broadcast_object, failures_end_the_job, on_main
     from polar.trainer import Preempted
 
     job_run = on_main(lambda: JobRun.open(job, key, name, run_dir), env)
@@ -208,7 +208,8 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
         return {"run_key": key, "skipped": True, "val_loss": finished[1]}
     previous, requeue = _fail_on_sigterm(), RequeueSignal.install()
     try:
-        result = _train(job, plan, key, name, run_dir, job_run, env, stop=requeue and requeue.requested)
+        with failures_end_the_job(env, on_failure=_record_failure(job_run)):
+            result = _train(job, plan, key, name, run_dir, job_run, env, stop=requeue and requeue.requested)
     except Preempted as stopped:
         _hand_over(requeue, stopped, job_run, env)
         raise
@@ -222,6 +223,13 @@ def _run_ranks(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, e
         if requeue is not None:
             requeue.restore()
     return {"run_key": key, "skipped": False, "val_loss": result.val_loss}
+
+
+def _record_failure(job_run: JobRun | None):
+    """What rank 0 does when another rank failed: end its run FAILED with that reason."""
+    if job_run is None:
+        return None
+    return lambda reason: job_run.fail(RuntimeError(reason))
 
 
 def _hand_over(requeue: "RequeueSignal", stopped: BaseException, job_run: JobRun | None, env) -> None:
@@ -321,9 +329,10 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, job_r
     params = run_params(job, plan, key, inputs.data_id).as_dict()
     on_main(lambda: job_run.start(params), env)
     train_cfg = job.train.for_trainer(plan.lr, plan.batch_size)
+    train_cfg.activation_checkpointing = plan.activation_checkpointing or bool(job.train.activation_checkpointing)
     device = device_for(env, job.train.device)
     model = set_attention(inputs.model.to(device), attention_for(device, train_cfg.packing))
-    model = wrap_model(model, plan.parallel, env)
+    model = wrap_model(model, plan.parallel, env, param_dtype=fsdp_param_dtype(job, device))
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, inputs.train, inputs.val, inputs.special, train_cfg, plan.steps,
                  plan.flops_per_token, run_dir, job_run.sink if job_run is not None else NullSink(), desc=name,
@@ -333,6 +342,15 @@ def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, job_r
     save_model(model, inputs.tokenizer, model_dir, env)
     on_main(lambda: job_run.complete(result, model_dir, log_model=plan.n_params < 1e9), env)
     return result
+
+
+def fsdp_param_dtype(job: JobConfig, device):
+    """FSDP2's compute dtype: bf16 on GPUs (train.dtype auto or bfloat16; the master weights
+    and AdamW stay fp32), None (fp32) elsewhere."""
+    import torch
+
+    bf16 = job.train.dtype == "bfloat16" or (job.train.dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else None
 
 
 def save_model(model, tokenizer, model_dir: Path, env) -> None:
