@@ -7,7 +7,7 @@ and ending the process group (`init_distributed`, `shutdown`: nccl on CUDA, gloo
 CPU); wrapping a model for data parallelism (`wrap_model`: DDP, or FSDP2's fully_shard
 per decoder layer and at the root, for models whose weights and AdamW state do not fit
 one GPU); and the small collectives a data-parallel trainer needs (`shard`,
-`mean_across`, `any_rank`, `broadcast_object`, `on_main`, `no_grad_sync`, `full_state_dict`, and
+`mean_across`, `sum_across`, `any_rank`, `broadcast_object`, `on_main`, `no_grad_sync`, `full_state_dict`, and
 `training_state` / `load_training_state` for checkpoints that any world size resumes);
 and `failures_end_the_job`, which ends every rank soon after one raises. A single
 process (no launcher) is world size 1 and
@@ -259,6 +259,15 @@ def mean_across(value: float) -> float:
     tensor = _for_backend(torch.tensor([float(value)], dtype=torch.float64))
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()
+
+
+def sum_across(values: np.ndarray) -> np.ndarray:
+    """Element-wise sums of a small array over all ranks (float64)."""
+    if not _grouped():
+        return np.asarray(values, dtype=np.float64)
+    tensor = _for_backend(torch.tensor(np.asarray(values), dtype=torch.float64))
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
 
 
 def full_state_dict(model: torch.nn.Module, rank0_only: bool = False) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -45,6 +45,7 @@ from polar.distributed import (
     no_grad_sync,
     on_main,
     shard,
+    sum_across,
     training_state,
     unwrap,
 )
@@ -178,19 +179,26 @@ def scores(model, batch: dict[str, torch.Tensor] | PackedBatch, device) -> tuple
 
 @torch.no_grad()
 def evaluate(model, val: TokenShards | TokenTriplets, special: dict[str, int], device="cpu", batch_size: int = 64,
-             packing: bool = False):
+             packing: bool = False, env: DistEnv | None = None, cfg: TrainConfig | None = None):
     """Mean pre-training loss and pair accuracy over the whole validation set, through
-    the same path (packed or naive) as training."""
+    the same path (packed or naive) and autocast (cfg's) as training. Several ranks: each
+    evaluates its contiguous share in chunks of batch_size and the sums are reduced; every
+    rank runs the same number of forwards (FSDP needs them all in each one), a rank with
+    fewer rows running a last one that counts for nothing."""
+    env = env or dist_env()
     model.eval()
-    losses, accs, weights = [], [], []
-    for start in range(0, len(val), batch_size):
-        chunk = val.subset(range(start, min(len(val), start + batch_size)))
-        pos, neg = scores(model, collate(chunk, special, packing, model), device)
-        losses.append(pretrain_loss(pos, neg).item())
-        accs.append(pair_accuracy(pos, neg).item())
-        weights.append(len(chunk))
+    parts = np.array_split(np.arange(len(val)), env.world_size)
+    mine, n_chunks = parts[env.rank], max(-(-len(p) // batch_size) for p in parts)
+    sums = np.zeros(3)                                  # loss x rows, accuracy x rows, rows
+    for i in range(n_chunks):
+        rows = mine[i * batch_size:(i + 1) * batch_size]
+        chunk = val.subset(rows if len(rows) else np.arange(min(1, len(val))))
+        with _autocast(cfg, device) if cfg is not None else nullcontext():
+            pos, neg = scores(model, collate(chunk, special, packing, model), device)
+        sums += len(rows) * np.array([pretrain_loss(pos, neg).item(), pair_accuracy(pos, neg).item(), 1.0])
+    loss, acc, count = sum_across(sums)
     model.train()
-    return float(np.average(losses, weights=weights)), float(np.average(accs, weights=weights))
+    return float(loss / count), float(acc / count)
 
 
 def train_step(model, optimizer, batch: TokenTriplets | list, special, cfg: TrainConfig, device) -> float:
@@ -275,7 +283,8 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
             if step in evals:
                 speed = throughput(tokens_seen - mark[1], executed - mark[2], time.perf_counter() - mark[0],
                                    flops_per_token, peak_flops, env.world_size)
-                val_loss, val_acc = evaluate(model, val, special, device, packing=cfg.packing)
+                val_loss, val_acc = evaluate(model, val, special, device, batch_size=cfg.micro_batch_size or 64,
+                                             packing=cfg.packing, env=env, cfg=cfg)
                 buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
                 flush_and_checkpoint()
                 mark = (time.perf_counter(), tokens_seen, executed)
