@@ -154,6 +154,7 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
         _fit(wrap_model(_fresh_model(), "fsdp", env), FIT_RUNS["fsdp"], f"{out}/fsdp", CutAfter(2), env)
     except (KeyboardInterrupt, RuntimeError) as err:
         torch.save({"error": f"{type(err).__name__}: {err}"}, f"{out}/fsdp-rank{rank}.pt")
+    torch.distributed.barrier()   # tear down together: a rank leaving first aborts gloo's threads in the other
     shutdown()
 
 
