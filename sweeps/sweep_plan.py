@@ -304,25 +304,27 @@ def job_shape(job: PlannedJob, **overrides) -> Shape:
 
 def time_problems(job: PlannedJob, shape: Shape, max_num_timeout: int, signal_delay_s: float) -> list[str]:
     """Why SLURM's limits cannot carry this job to its end: its time limit times
-    (max_num_timeout + 1) requeues shorter than the planned time, or a signal_delay_s
-    too short for a checkpoint of its training state (resources.checkpoint_gb_per_s)."""
-    from sweeps.derive import ADAMW_BYTES_PER_PARAM, cpu_minutes
+    (max_num_timeout + 1) runs shorter than its estimated time (at resources.cpu_flops or
+    the assumed MFU, before any margin), or a signal_delay_s shorter than twice a
+    checkpoint of its training state (resources.checkpoint_gb_per_s) and 5 s for a step."""
+    from sweeps.derive import ADAMW_BYTES_PER_PARAM
 
     plan, res = job.plan, job.job.resources
-    planned = cpu_minutes(plan.compute, res) if plan.on_cpu else plan.time_limit_min
+    estimated = plan.compute / res.cpu_flops / 60 if plan.on_cpu else plan.gpu_hours / plan.gpus * 60
     allowed = shape.timeout_min * (max_num_timeout + 1)
     problems = []
-    if allowed < planned:
-        problems.append(f"#{job.idx} ({plan.model}) is planned for {fmt_minutes(planned)}, but its time limit "
+    if allowed < estimated:
+        problems.append(f"#{job.idx} ({plan.model}) needs about {fmt_minutes(estimated)}, but its time limit "
                         f"{fmt_minutes(shape.timeout_min)} x {max_num_timeout + 1} runs (hydra.launcher.max_num_timeout"
                         f"={max_num_timeout} requeues) allows {fmt_minutes(allowed)}: raise hydra.launcher."
-                        f"max_num_timeout to {math.ceil(planned / shape.timeout_min) - 1} or the time limit")
-    seconds = ADAMW_BYTES_PER_PARAM * plan.n_params / 1e9 / res.checkpoint_gb_per_s + 60
+                        f"max_num_timeout to {math.ceil(estimated / shape.timeout_min) - 1} or the time limit")
+    state_gb = ADAMW_BYTES_PER_PARAM * plan.n_params / 1e9
+    seconds = 2 * state_gb / res.checkpoint_gb_per_s + 5
     if signal_delay_s < seconds:
-        problems.append(f"#{job.idx} ({plan.model}): hydra.launcher.signal_delay_s={signal_delay_s:g} does not cover a "
-                        f"checkpoint of its {ADAMW_BYTES_PER_PARAM * plan.n_params / 1e9:.0f} GB training state "
-                        f"(~{seconds:.0f} s at resources.checkpoint_gb_per_s={res.checkpoint_gb_per_s:g}, with a "
-                        f"minute for the step): set hydra.launcher.signal_delay_s={math.ceil(seconds / 60) * 60}")
+        problems.append(f"#{job.idx} ({plan.model}): hydra.launcher.signal_delay_s={signal_delay_s:g} does not cover "
+                        f"twice a checkpoint of its {state_gb:.0f} GB training state and a step (~{seconds:.0f} s at "
+                        f"resources.checkpoint_gb_per_s={res.checkpoint_gb_per_s:g}): set hydra.launcher."
+                        f"signal_delay_s={math.ceil(seconds / 60) * 60}")
     return problems
 
 

@@ -129,6 +129,7 @@ def test_slurm_time_limits_must_cover_the_plan():
     enough = Shape(1, 4, 4, None, 60 * 24, None)
     assert time_problems(job, enough, max_num_timeout=plan.time_limit_min // (60 * 24) + 1, signal_delay_s=300) == []
     (short,) = time_problems(job, enough, max_num_timeout=0, signal_delay_s=300)
-    assert "#3 (big) is planned for" in short and "raise hydra.launcher.max_num_timeout to" in short
-    (late,) = time_problems(job, Shape(1, 4, 4, None, 10**7, None), max_num_timeout=0, signal_delay_s=30)
-    assert "signal_delay_s=30 does not cover a checkpoint of its 118 GB training state" in late
+    assert "#3 (big) needs about" in short and "raise hydra.launcher.max_num_timeout to" in short
+    (late,) = time_problems(job, Shape(1, 4, 4, None, 10**7, None), max_num_timeout=0, signal_delay_s=200)
+    assert "signal_delay_s=200 does not cover twice a checkpoint of its 118 GB training state" in late
+    assert time_problems(job, Shape(1, 4, 4, None, 10**7, None), max_num_timeout=0, signal_delay_s=300) == []

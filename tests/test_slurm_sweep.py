@@ -157,12 +157,12 @@ def test_job_hitting_its_time_limit_is_requeued_and_resumes(cluster_tmp):
     job_log = Path(re.search(r"#0 \S+ -> \S+\s+log (\S+)", log).group(1))
     text = job_log.read_text() + job_log.with_suffix(".err").read_text()
     assert "Caught signal SIGUSR2" in text and "Requeued job" in text, text[-3000:]
-    # a later attempt started from the checkpoint written on the signal, at whatever step
-    # it came (tqdm's first line of an attempt: "  k/steps [00:00<?"), not from the last
-    # evaluation's
+    # a later attempt started from the checkpoint written on the signal, at the step where
+    # the signal stopped training (tqdm's first line of an attempt: "  k/steps [00:00<?"),
+    # not from the last evaluation's (they coincide only when the signal came during one)
     starts = [int(k) for k in re.findall(rf"\|\s*(\d+)/{steps} \[00:00<\?", text)]
-    assert any(k > 0 and k not in eval_steps(steps, 20, "linear") for k in starts), (starts, runs)
-    assert "stopped at step" in text
+    stopped = [int(k) for k in re.findall(r"stopped at step (\d+) of", text)]
+    assert stopped and all(k in starts for k in stopped) and starts[0] == 0, (starts, stopped, runs)
 
 
 @pytest.mark.timeout(240)
