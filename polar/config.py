@@ -263,6 +263,7 @@ class TrainSettings:
     threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
     dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     activation_checkpointing: Optional[bool] = None   # None: on where the plan needs it to fit a GPU
+    checkpoint_every_min: float = 0.0  # also checkpoint when this much wall-clock time passed since the last; 0: at evaluations only
     data_workers: int = 0            # DataLoader processes collating batches; 0 = in the training process
     parallel: str = "auto"           # with several ranks: ddp | fsdp | auto (fsdp where one GPU cannot hold the training state)
     seed: int = 0
@@ -276,6 +277,9 @@ class TrainSettings:
         _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not self.checkpoint_every_min >= 0:
+            raise ValueError(f"train.checkpoint_every_min must be >= 0 (0: at evaluations only), got "
+                             f"{self.checkpoint_every_min}")
         if self.micro_batch_size < 0:
             raise ValueError(f"train.micro_batch_size must be >= 0 (0: no accumulation), got {self.micro_batch_size}")
         if not isinstance(self.data_workers, int) or self.data_workers < 0:

@@ -268,6 +268,7 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                         val_loss=val_loss, val_acc=val_acc)
 
     mark = (time.perf_counter(), tokens_seen, executed)        # throughput since the last evaluation
+    clock = CheckpointClock(cfg.checkpoint_every_min)
     data = StepBatches(train, special, cfg, env, row_capacity(unwrap(model)) if cfg.packing else None)
     with step_batches(data, step, steps, cfg.data_workers) as batches:
         while step < steps:
@@ -287,8 +288,12 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                                              packing=cfg.packing, env=env, cfg=cfg)
                 buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
                 flush_and_checkpoint()
+                clock.reset()
                 mark = (time.perf_counter(), tokens_seen, executed)
                 bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
+            elif clock.due():        # a hard failure loses at most checkpoint_every_min of training
+                flush_and_checkpoint()
+                clock.reset()
             if stop is not None and step < steps and any_rank(stop()):
                 if buffer:               # not an evaluation step, which has just been checkpointed
                     flush_and_checkpoint()
@@ -296,6 +301,20 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                 raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+
+
+class CheckpointClock:
+    """When a wall-clock checkpoint is due: every rank asks after every step and they
+    agree (any_rank), so all of them save the same step; 0 minutes: never (no collective)."""
+
+    def __init__(self, every_min: float):
+        self.every_s, self.last = every_min * 60, time.monotonic()
+
+    def due(self) -> bool:
+        return self.every_s > 0 and any_rank(time.monotonic() - self.last >= self.every_s)
+
+    def reset(self) -> None:
+        self.last = time.monotonic()
 
 
 def set_checkpointing(model, on: bool) -> None:

@@ -35,6 +35,8 @@ def test_policy_kind_and_top_p_are_checked():
 def test_train_schedule_and_accumulation():
     with pytest.raises(ValueError, match="train.schedule='step'"):
         TrainConfig(schedule="step")
+    with pytest.raises(ValueError, match=r"train.checkpoint_every_min must be >= 0 \(0: at evaluations only\), got -1"):
+        TrainConfig(checkpoint_every_min=-1)
     with pytest.raises(ValueError, match="micro_batch_size=5 must be 0 or divide"):
         TrainConfig(batch_size=32, micro_batch_size=5)
 

@@ -101,6 +101,34 @@ def test_stop_checkpoints_the_step_it_was_asked_at_and_resumes_from_there(tiny_d
     assert train_steps == list(range(1, 17))
 
 
+@pytest.mark.parametrize("every_min, saved_at", [(0.0, 4), (1e-9, 7)])
+def test_a_hard_failure_loses_at_most_the_wall_clock_interval(tiny_data, tmp_path, every_min, saved_at):
+    """train.checkpoint_every_min checkpoints between evaluations too: a process that dies
+    (no chance to checkpoint) resumes from the last interval's step, not from the last
+    evaluation's, and ends as an uninterrupted run does."""
+    from dataclasses import replace
+
+    _, _, train, val, special = tiny_data
+    cfg = TrainConfig(lr=3e-3, batch_size=8, n_evals=4, eval_spacing="linear", checkpoint_every_min=every_min)
+    full = fit(seeded_model(special), train, val, special, replace(cfg, checkpoint_every_min=0.0), 16, 1.0,
+               tmp_path / "full", NullSink(), progress=False)
+    steps_done = []
+
+    def node_lost():
+        steps_done.append(1)
+        if len(steps_done) == 7:
+            raise SystemError("node lost")     # nothing after this step runs: no flush, no checkpoint
+        return False
+
+    with pytest.raises(SystemError, match="node lost"):
+        fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "cut", ListSink(), progress=False,
+            stop=node_lost)
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == saved_at   # evaluations: 4, 8, ...
+    resumed = fit(seeded_model(special, seed=1), train, val, special, cfg, 16, 1.0, tmp_path / "cut", NullSink(),
+                  progress=False)
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+
+
 def test_a_checkpoint_of_the_older_format_still_resumes(tiny_data, tmp_path):
     """Checkpoints written before the name-keyed format (optimizer state by index)."""
     from polar.trainer import _shape
