@@ -9,7 +9,9 @@ per decoder layer and at the root, for models whose weights and AdamW state do n
 one GPU); and the small collectives a data-parallel trainer needs (`shard`,
 `mean_across`, `sum_across`, `any_rank`, `broadcast_object`, `on_main`, `no_grad_sync`, `full_state_dict`, and
 `training_state` / `load_training_state` for checkpoints that any world size resumes);
-and `failures_end_the_job`, which ends every rank soon after one raises. A single
+`shard_from_rank0`, which builds an FSDP model on the meta device and materialises
+only each rank's shards; and `failures_end_the_job`, which ends every rank soon after
+one raises. A single
 process (no launcher) is world size 1 and
 every helper is then a no-op, so the same code runs on a laptop.
 """
@@ -219,6 +221,44 @@ def wrap_model(model: torch.nn.Module, mode: str, env: DistEnv | None = None,
         cuda = next(model.parameters()).is_cuda
         return DistributedDataParallel(model, device_ids=[env.local_rank] if cuda else None)
     return _fully_shard(model, param_dtype)
+
+
+def shard_from_rank0(model: torch.nn.Module | None, env: DistEnv, device: torch.device,
+                     param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2 without a whole copy of the model on any rank but 0. Rank 0 passes the model
+    it built on the CPU (random or from a checkpoint); the others pass None. Every rank
+    builds the architecture from rank 0's config on the meta device, shards it
+    (fully_shard), allocates only its own shards on `device`, and receives its shards of
+    rank 0's weights (set_model_state_dict, broadcast from rank 0); the buffers (rotary
+    frequencies: small, and not in the state dict) are broadcast whole."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from polar.model import reward_model_class
+
+    spec = broadcast_object((model.config.model_type, model.config.to_dict(), model.config._attn_implementation)
+                            if env.is_main else None)
+    skeleton = _skeleton(reward_model_class(spec[0]), spec[1], spec[2])
+    sharded = _fully_shard(skeleton, param_dtype)
+    sharded.to_empty(device=device)
+    full = model.state_dict() if env.is_main else {}
+    set_model_state_dict(sharded, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = broadcast_object({k: v.cpu() for k, v in model.named_buffers()} if env.is_main else None)
+    for name, buffer in sharded.named_buffers():
+        buffer.copy_(buffers[name].to(buffer.device))
+    return sharded
+
+
+def _skeleton(cls, config: dict, attn_implementation: str) -> torch.nn.Module:
+    """The architecture of `cls` with this config, on the meta device (no memory)."""
+    import transformers
+
+    from polar.packing import register_attention
+
+    register_attention()      # polar_sdpa, where rank 0's model uses it
+    hf = transformers.AutoConfig.for_model(**config)
+    hf._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        return cls(hf)
 
 
 def _fully_shard(model: torch.nn.Module, param_dtype: torch.dtype | None) -> torch.nn.Module:

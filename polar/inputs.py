@@ -27,7 +27,7 @@ from polar.template import Layout
 
 @dataclass
 class RunInputs:
-    model: Any                      # a polar.model reward model (a ...ForSequenceClassification), on the CPU
+    model: Any                      # a polar.model reward model (a ...ForSequenceClassification) on the CPU, or None
     tokenizer: Any
     special: dict[str, int]         # bos, sep, reward, pad ids (polar.tokenizer.special_ids)
     train: TokenShards | TokenTriplets     # pre-training: memory-mapped; fine-tuning: lists
@@ -81,7 +81,10 @@ def synthesized_data(data: DataConfig, model: ModelConfig, cache_dir: str | Path
     return tok, where, synthesize(data, tok, where)   # reads the manifest when the data set exists
 
 
-def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path, seed: int) -> RunInputs:
+def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path, seed: int,
+                    with_model: bool = True) -> RunInputs:
+    """The run's inputs; with_model=False leaves the model out (None): an FSDP rank that
+    receives its shards from rank 0."""
     import torch
 
     from polar.data import token_shards
@@ -91,7 +94,9 @@ def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path,
     tok, data_dir, manifest = synthesized_data(data, model, cache_dir)
     special = special_ids(tok)
     torch.manual_seed(seed)                       # the value head of a backbone too
-    if model.init_from:
+    if not with_model:
+        net = None
+    elif model.init_from:
         net = load_backbone(model.init_from, special, vocab_size=len(tok))
     else:
         net = build_model(model, bos_token_id=special["bos"], pad_token_id=special["pad"],
@@ -133,9 +138,11 @@ def finetune_data(model_dir: str | Path, train_path: str | Path, val_path: str |
 
 
 def finetune_inputs(model_dir: str | Path, tokenizer, train: TokenTriplets, val: TokenTriplets,
-                    data_id: str) -> RunInputs:
-    """A fine-tuning run's inputs from finetune_data's result and the starting model."""
+                    data_id: str, with_model: bool = True) -> RunInputs:
+    """A fine-tuning run's inputs from finetune_data's result and the starting model (left
+    out with with_model=False)."""
     from polar.model import load_model
     from polar.tokenizer import special_ids
 
-    return RunInputs(load_model(Path(model_dir)), tokenizer, special_ids(tokenizer), train, val, data_id)
+    return RunInputs(load_model(Path(model_dir)) if with_model else None, tokenizer, special_ids(tokenizer), train,
+                     val, data_id)

@@ -317,23 +317,28 @@ def _fail_on_sigterm():
 
 def _train(job: JobConfig, plan: Plan, key: str, name: str, run_dir: Path, job_run: JobRun | None, env,
            stop=None):
-    from polar.distributed import device_for, on_main, wrap_model
+    from polar.distributed import device_for, on_main, shard_from_rank0, wrap_model
     from polar.model import set_attention
     from polar.packing import attention_for
     from polar.sinks import NullSink
     from polar.trainer import fit
 
     stage = stage_of(job)
+    sharded = plan.parallel == "fsdp" and env.distributed    # only rank 0 builds the whole model
     # rank 0 synthesizes (or reads) the shared data first, then the others read it
     built = on_main(lambda: stage.inputs(job), env)
-    inputs = built if env.is_main else stage.inputs(job)
+    inputs = built if env.is_main else stage.inputs(job, with_model=not sharded)
     params = run_params(job, plan, key, inputs.data_id).as_dict()
     on_main(lambda: job_run.start(params), env)
     train_cfg = job.train.for_trainer(plan.lr, plan.batch_size)
     train_cfg.activation_checkpointing = plan.activation_checkpointing or bool(job.train.activation_checkpointing)
     device = device_for(env, job.train.device)
-    model = set_attention(inputs.model.to(device), attention_for(device, train_cfg.packing))
-    model = wrap_model(model, plan.parallel, env, param_dtype=fsdp_param_dtype(job, device))
+    attention, dtype = attention_for(device, train_cfg.packing), fsdp_param_dtype(job, device)
+    if sharded:       # every rank materialises only its shards, filled from rank 0's model
+        model = shard_from_rank0(set_attention(inputs.model, attention) if env.is_main else None, env, device,
+                                 dtype)
+    else:
+        model = wrap_model(set_attention(inputs.model.to(device), attention), plan.parallel, env, param_dtype=dtype)
     line = os.environ.get(PROGRESS_LINE_ENV)   # set by the local launcher when jobs run side by side
     result = fit(model, inputs.train, inputs.val, inputs.special, train_cfg, plan.steps,
                  plan.flops_per_token, run_dir, job_run.sink if job_run is not None else NullSink(), desc=name,

@@ -60,7 +60,9 @@ class Stage:
         """The real data's lengths for the plan; None: the data config's are used."""
         return None
 
-    def inputs(self, job: JobConfig) -> RunInputs:
+    def inputs(self, job: JobConfig, with_model: bool = True) -> RunInputs:
+        """What the run consumes; with_model=False: all but the model (None), for FSDP ranks
+        that receive their shards from rank 0 (polar.distributed.shard_from_rank0)."""
         raise NotImplementedError(f"stage {self.name!r} builds no inputs")
 
     def init_from(self, job: JobConfig) -> str | None:
@@ -102,10 +104,10 @@ class Pretrain(Stage):
     def init_from(self, job: JobConfig) -> str | None:
         return str(Path(job.model.init_from).resolve()) if job.model.init_from else None
 
-    def inputs(self, job: JobConfig) -> RunInputs:
+    def inputs(self, job: JobConfig, with_model: bool = True) -> RunInputs:
         from polar.inputs import pretrain_inputs
 
-        return pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed)
+        return pretrain_inputs(job.model, job.data, job.paths.cache_dir, job.seed, with_model)
 
 
 class Synthesize(Pretrain):
@@ -117,7 +119,7 @@ class Synthesize(Pretrain):
     def counts(self, job: JobConfig) -> ShapeCounts | None:
         return None
 
-    def inputs(self, job: JobConfig) -> RunInputs:
+    def inputs(self, job: JobConfig, with_model: bool = True) -> RunInputs:
         raise NotImplementedError("stage=synthesize trains nothing (sweeps.jobs.synthesize_job)")
 
 
@@ -145,12 +147,12 @@ class Finetune(Stage):
         per_triplet = train.naive_tokens()                  # data terms, packed or not
         return Measured(len(train), float(per_triplet.mean()) / 2, float(per_triplet.mean()))
 
-    def inputs(self, job: JobConfig) -> RunInputs:
+    def inputs(self, job: JobConfig, with_model: bool = True) -> RunInputs:
         from polar.inputs import finetune_inputs, preference_data_id
 
         tokenizer, train, val = _finetune_data(job)
         data_id = preference_data_id(job.finetune.train_path, job.finetune.val_path)
-        return finetune_inputs(job.finetune.init_from, tokenizer, train, val, data_id)
+        return finetune_inputs(job.finetune.init_from, tokenizer, train, val, data_id, with_model)
 
     def init_from(self, job: JobConfig) -> str | None:
         return str(Path(job.finetune.init_from).resolve())
