@@ -52,6 +52,9 @@ from polar.distributed import (
 from polar.integrity import file_digest
 from polar.loss import pair_accuracy, pretrain_loss
 from polar.packing import PackedBatch, pack_triplets, packed_rewards, row_capacity
+from polar.sharded_checkpoint import candidates as sharded_candidates
+from polar.sharded_checkpoint import is_sharded, load_sharded, save_sharded
+from polar.sharded_checkpoint import read_state as read_sharded_state
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"            # the checkpoint before the last, kept to fall back to
@@ -362,6 +365,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None,
     as checkpoint.prev.pt, to fall back to should the new one be damaged. A collective
     when there are several ranks (every rank calls it)."""
     env = env or dist_env()
+    if is_sharded(model):        # each rank writes its shards (polar.sharded_checkpoint): no gather
+        save_sharded(run_dir, model, optimizer, env, {"torch_rng": torch.get_rng_state(), "shape": _shape(model),
+                                                      **state})
+        return
     model_state, optim_state = training_state(model, optimizer)
 
     def write():
@@ -450,24 +457,56 @@ def _read_good_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
 
 
 def load_checkpoint(run_dir: Path, model, optimizer, env: DistEnv | None = None) -> dict:
-    """Restore the newest whole checkpoint into model and optimizer; a fresh state when
-    there is none (CheckpointError when every one is damaged). Rank 0 reads the file and
-    broadcasts the states; the counters reach every rank."""
+    """Restore the newest whole checkpoint, of either format (a file written by rank 0, or
+    the shards every rank of an FSDP run wrote), into model and optimizer, whatever their
+    sharding now; a fresh state when there is none (CheckpointError when every one is
+    damaged). Rank 0 chooses and reads the counters; they reach every rank."""
     env = env or dist_env()
-    found = on_main(lambda: _read_good_checkpoint(Path(run_dir)), env)
-    path, payload = found if found is not None else (Path(run_dir) / CHECKPOINT, None)
+    found = on_main(lambda: _newest_checkpoint(Path(run_dir)), env)
+    kind, path, payload = found if found is not None else (None, Path(run_dir) / CHECKPOINT, None)
     counters = broadcast_object(None if payload is None else
-                                {k: v for k, v in payload.items() if k not in ("model", "optimizer", "torch_rng")})
+                                (kind, str(path), {k: v for k, v in payload.items()
+                                                   if k not in ("model", "optimizer", "torch_rng")}))
     if counters is None:
         return {"step": 0, "tokens_seen": 0}
+    kind, path, counters = counters
     if counters.get("shape") != _shape(model):
         raise ValueError(f"checkpoint {path} is for model shape {counters.get('shape')}, not "
                          f"{_shape(model)}; delete it or point the run elsewhere")
-    states = (payload["model"], _by_name(payload["optimizer"], model)) if payload is not None else ({}, {})
-    load_training_state(model, optimizer, *states)
+    if kind == "sharded":
+        load_sharded(Path(path), model, optimizer)
+    else:
+        states = (payload["model"], _by_name(payload["optimizer"], model)) if payload is not None else ({}, {})
+        load_training_state(model, optimizer, *states)
     if payload is not None:
         torch.set_rng_state(payload["torch_rng"])
     return counters
+
+
+def _newest_checkpoint(run_dir: Path) -> tuple[str, Path, dict] | None:
+    """(kind, path, payload) of the newest whole checkpoint in run_dir, either format: a
+    sharded one (payload: its counters) or a file; damaged ones are named and skipped."""
+    damaged, options = [], []
+    for folder, problem in sharded_candidates(run_dir):
+        if problem is None:
+            options.append(("sharded", folder, read_sharded_state(folder)))
+            break
+        damaged.append(f"{folder}: {problem}")
+    try:
+        whole = _read_good_checkpoint(run_dir)
+    except CheckpointError:
+        if not options:
+            raise
+        whole = None
+    if whole is not None:
+        options.append(("file", *whole))
+    if damaged and options:
+        log.warning("damaged checkpoint %s; resuming from %s", "; ".join(damaged), options[0][1])
+    if damaged and not options:
+        raise CheckpointError(f"no checkpoint in {run_dir} can be trusted, and training from a damaged one would be "
+                              f"wrong: {'; '.join(damaged)}. To start the run over, delete the run folder "
+                              f"(rm -r {run_dir}) and run the same command again.")
+    return max(options, key=lambda o: o[2]["step"]) if options else None
 
 
 def _by_name(optim_state: dict, model) -> dict:

@@ -178,10 +178,32 @@ def test_a_checkpoint_written_by_two_sharded_ranks_resumes_in_one_process(two_ra
     cut = two_rank_fits / "fsdp"
     errors = [torch.load(two_rank_fits / f"fsdp-rank{r}.pt", weights_only=True)["error"] for r in (0, 1)]
     assert errors == ["KeyboardInterrupt: cut", "RuntimeError: rank 0 failed: KeyboardInterrupt: cut"]
-    saved = torch.load(cut / CHECKPOINT, weights_only=True)
-    assert saved["step"] == 2                                    # the first of 4 evaluations at steps 2, 4, 6, 8
-    assert "model.layers.0.mlp.up_proj.weight" in saved["model"]  # unsharded, keyed by parameter name
+    from polar.sharded_checkpoint import SHARDED, problem, read_state
+
+    assert not (cut / CHECKPOINT).exists() and problem(cut / SHARDED) is None
+    assert read_state(cut / SHARDED)["step"] == 2               # the first of 4 evaluations at steps 2, 4, 6, 8
+    assert len(list((cut / SHARDED).glob("*.distcp"))) == 2      # each rank wrote its own shards: no gather
     resumed = _fit(_fresh_model(), FIT_RUNS["fsdp"], cut)
     whole = _fit(_fresh_model(), FIT_RUNS["fsdp"], tmp_path)
     assert resumed.steps == whole.steps == FIT_STEPS
     assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-5)
+
+
+def test_a_damaged_sharded_checkpoint_is_named_and_never_loaded(two_rank_fits, tmp_path):
+    import shutil
+
+    from polar.sharded_checkpoint import SHARDED
+    from polar.trainer import CheckpointError, load_checkpoint
+
+    cut = tmp_path / "cut"        # the sharded checkpoint alone (another test resumes the fixture's folder)
+    shutil.copytree(two_rank_fits / "fsdp" / SHARDED, cut / SHARDED)
+    shard_file = sorted((cut / SHARDED).glob("*.distcp"))[1]
+    data = bytearray(shard_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF                                  # one byte of rank 1's shards
+    shard_file.write_bytes(bytes(data))
+    model = _fresh_model()
+    with pytest.raises(CheckpointError, match=rf"{shard_file.name} is not the file written with it"):
+        load_checkpoint(cut, model, torch.optim.AdamW(model.parameters()))
+    (cut / SHARDED / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest.json cannot be read .*the checkpoint was not finished"):
+        load_checkpoint(cut, model, torch.optim.AdamW(model.parameters()))

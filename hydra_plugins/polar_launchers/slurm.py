@@ -24,7 +24,7 @@ sweeps.run's task function and sweeps.jobs.run_job). A multi-task job first expo
 torch.distributed's env:// variables (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE,
 LOCAL_RANK, LOCAL_WORLD_SIZE) from SLURM's. On submitit's time-limit / preemption signal
 (USR2), checkpoint() resubmits the same call: the requeued job re-runs run_job, which
-resumes from run_dir/checkpoint.pt into the same MLflow run.
+resumes from its last checkpoint (polar.trainer) into the same MLflow run.
 """
 
 from __future__ import annotations
