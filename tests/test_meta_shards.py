@@ -3,23 +3,19 @@ gloo ranks build the architecture on the meta device, materialise only their sha
 receive rank 0's weights; the result equals the model built eagerly and sharded, weights
 and buffers (rotary frequencies) and rewards alike, and rank 1 never held a whole one."""
 
-import multiprocessing as mp
-
 import pytest
 
-from tests.mlflow_server import free_port
+from tests.fixtures import join_gloo, spawn_two_ranks
 
 
 def _rank(rank: int, port: int, queue) -> None:
     import torch
 
-    from polar.distributed import DistEnv, full_state_dict, init_distributed, shard_from_rank0, wrap_model
+    from polar.distributed import full_state_dict, shard_from_rank0, wrap_model
     from polar.trainer import collate, scores
     from tests.fixtures import RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model
 
-    torch.set_num_threads(1)
-    env = DistEnv(rank, 2, rank, "127.0.0.1", port, "test")
-    init_distributed(env, backend="gloo")
+    env = join_gloo(rank, port)
     eager = wrap_model(seeded_model(SPECIAL, RANDOM_IDS_MODEL, seed=3), "fsdp", env)
     built = shard_from_rank0(seeded_model(SPECIAL, RANDOM_IDS_MODEL, seed=3) if rank == 0 else None, env,
                              torch.device("cpu"))
@@ -35,15 +31,7 @@ def _rank(rank: int, port: int, queue) -> None:
 
 @pytest.mark.timeout(180)
 def test_shards_built_on_meta_equal_the_eager_model():
-    ctx, port = mp.get_context("spawn"), free_port()
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, port, queue)) for rank in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(150)
-    assert [p.exitcode for p in procs] == [0, 0]
-    for rank, same_weights, same_buffers, same_rewards, local in (queue.get(timeout=5) for _ in procs):
+    for rank, same_weights, same_buffers, same_rewards, local in spawn_two_ranks(_rank):
         assert same_weights and same_buffers and same_rewards, rank
         big = {name: shape for name, shape in local.items() if shape[1] >= 64}
         assert big and all(mine < whole for mine, whole in big.values())      # only shards were allocated

