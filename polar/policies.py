@@ -70,15 +70,6 @@ def load_policy(spec: PolicySpec, *, tokenizer=None, corpus_ids: dict[str, np.nd
     raise ValueError(f"data.engine={engine!r} is not valid; choose one of ['hf', 'vllm']")
 
 
-def build_pool(specs: Sequence[PolicySpec], tokenizer, corpus_ids: dict[str, np.ndarray],
-               engine: str = "hf", batch_size: int = 64) -> list[Policy]:
-    """Every policy of the pool at once (prefer load_policy, one at a time, for LLM pools)."""
-    if len(specs) < 2:
-        raise ValueError(f"the policy pool needs at least two policies, got {len(specs)}")
-    return [load_policy(spec, tokenizer=tokenizer, corpus_ids=corpus_ids, engine=engine, batch_size=batch_size)
-            for spec in specs]
-
-
 def policy_size(spec: PolicySpec) -> int | None:
     """All parameters of an hf policy (embeddings included), counted from its config.json on
     the meta device without reading weights; None for an n-gram policy."""

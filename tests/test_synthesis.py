@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from polar.policies import NGramPolicy, _ngram_tables, build_pool, sampling_distribution
+from polar.policies import NGramPolicy, _ngram_tables, load_policy, sampling_distribution
 from polar.synthesis import FIELDS, read_manifest, read_split, synthesize
 
 
@@ -57,13 +57,12 @@ def test_validation_prefixes_are_held_out(tiny_data):
 
 
 def test_pool_errors(tokenizer):
-    from polar.config import PolicySpec
+    from polar.config import DataConfig, PolicySpec
 
     with pytest.raises(ValueError, match="at least two"):
-        build_pool([PolicySpec(order=1)], tokenizer, {"stdlib": np.arange(10)})
+        DataConfig(policies=[PolicySpec(order=1)])
     with pytest.raises(ValueError, match="corpus source 'kjv'"):
-        build_pool([PolicySpec(order=1, source="kjv"), PolicySpec(order=2, source="kjv")],
-                   tokenizer, {"stdlib": np.arange(10)})
+        load_policy(PolicySpec(order=1, source="kjv"), tokenizer=tokenizer, corpus_ids={"stdlib": np.arange(10)})
 
 
 def test_units_load_one_policy_each_and_resume_byte_identical(tiny_data, tokenizer, tmp_path, monkeypatch):
@@ -149,8 +148,8 @@ def test_policies_on_parts_of_a_source_write_from_their_own_part(tokenizer):
 
     ids = np.array(tokenizer("the cat sat on the mat. " * 40 + "a dog ran in a park! " * 40,
                              add_special_tokens=False)["input_ids"])
-    first, second = build_pool([PolicySpec(order=2, source="pydoc", part=i, parts=2) for i in (0, 1)],
-                               tokenizer, {"pydoc": ids})
+    first, second = [load_policy(PolicySpec(order=2, source="pydoc", part=i, parts=2), tokenizer=tokenizer,
+                                 corpus_ids={"pydoc": ids}) for i in (0, 1)]
     assert (first.name, second.name) == ("ngram2-pydoc.0of2-t1", "ngram2-pydoc.1of2-t1")
     cat, dog = first.generate(["the"], 24, seed=0)[0], second.generate(["a"], 24, seed=0)[0]
     assert "cat" in cat and not any(w in cat for w in ("dog", "ran", "park"))
