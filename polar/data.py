@@ -221,24 +221,6 @@ def token_problem(paths: dict[str, Path], data_id: str, tok_id: str) -> str | No
     return None
 
 
-def _split_lines(data_dir: Path, split: str):
-    """The JSON rows of a split's shards, one at a time, in shard order; DataError when a
-    shard is not the one the manifest lists."""
-    from polar.synthesis import DataError, read_manifest, shard_problems
-
-    manifest = read_manifest(data_dir)
-    damaged = shard_problems(data_dir, manifest, split)
-    if damaged:
-        raise DataError(f"data set {data_dir} is damaged, and tokenizing it would be wrong: "
-                        + "; ".join(f"{path}: {what}" for path, what in damaged)
-                        + ". Running the job again regenerates the shards from the config in its manifest "
-                        f"(polar.synthesis.synthesize); or delete the folder {data_dir} to synthesize it anew.")
-    for shard in manifest["shards"]:
-        if shard["split"] == split:
-            with open(data_dir / shard["file"], encoding="utf-8") as f:
-                yield from (json.loads(line) for line in f if line.strip())
-
-
 def _chunks(rows, size: int):
     chunk = []
     for row in rows:
@@ -257,13 +239,13 @@ def write_token_shards(data_dir: str | Path, split: str, tokenizer, layout: Layo
     lists files that are not there. Returns the json's content."""
     from polar.atomic import atomic_path, write_text_atomic
     from polar.integrity import file_digest
-    from polar.synthesis import read_manifest
+    from polar.synthesis import iter_split, read_manifest
 
     data_dir, paths = Path(data_dir), token_paths(data_dir, split)
     raw = paths["ids"].with_name(f".{split}.ids.raw")
     lengths = []
     with open(raw, "wb") as out:
-        for rows in _chunks(_split_lines(data_dir, split), chunk):
+        for rows in _chunks(iter_split(data_dir, split, use="tokenizing it"), chunk):
             triplets = _encode_rows(rows, tokenizer, layout)
             for triplet in triplets:
                 for piece in triplet:

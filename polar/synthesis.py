@@ -400,23 +400,30 @@ def read_manifest(out: str | Path) -> dict:
     return manifest
 
 
-def read_split(out: str | Path, split: str) -> list[dict]:
-    """All triplets of one split ("train" or "val"), in shard order; DataError when a
-    shard is missing or not the one the manifest lists."""
+def iter_split(out: str | Path, split: str, use: str = "training on it") -> Iterator[dict]:
+    """The triplets of one split ("train" or "val"), one at a time, in shard order; DataError
+    (before the first row) when a shard is missing or not the one the manifest lists."""
     out = Path(out)
     manifest = read_manifest(out)
     damaged = shard_problems(out, manifest, split)
     if damaged:
-        raise DataError(f"data set {out} is damaged, and training on it would be wrong: "
+        raise DataError(f"data set {out} is damaged, and {use} would be wrong: "
                         + "; ".join(f"{path}: {what}" for path, what in damaged)
                         + ". Running the job again regenerates the shards from the config in its manifest "
                         f"(polar.synthesis.synthesize); or delete the folder {out} to synthesize it anew.")
-    rows = []
+    return _rows(out, manifest, split)
+
+
+def _rows(out: Path, manifest: dict, split: str) -> Iterator[dict]:
     for shard in manifest["shards"]:
         if shard["split"] == split:
             with open(out / shard["file"], encoding="utf-8") as f:
-                rows.extend(json.loads(line) for line in f)
-    return rows
+                yield from (json.loads(line) for line in f if line.strip())
+
+
+def read_split(out: str | Path, split: str) -> list[dict]:
+    """All triplets of one split, as a list (iter_split)."""
+    return list(iter_split(out, split))
 
 
 def config_key(cfg: DataConfig, tokenizer_id: str) -> str:

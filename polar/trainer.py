@@ -238,45 +238,37 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
         cfg: TrainConfig, steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
         stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> TrainResult:
-    """Train `steps` optimizer steps, resuming from run_dir/checkpoint.pt; tokens_seen and
-    flops_seen are data terms, the same with packing on or off. position: the progress
-    bar's terminal line. stop: asked after every step on every rank; when any says so, fit
-    logs, checkpoints that step and raises Preempted (a job SLURM is about to requeue).
-    Several ranks: pass the model wrapped by polar.distributed.wrap_model and the real sink
-    on rank 0 only; cfg.batch_size is the global batch. Evaluations log the throughput since
-    the previous one (evaluation and checkpoints excluded) and, given peak_flops, the MFU.
-    cfg.data_workers > 0: batches are collated by that many DataLoader processes, with the
-    same result."""
+    """Train `steps` optimizer steps, resuming from run_dir's newest whole checkpoint;
+    tokens_seen and flops_seen are data terms, the same with packing on or off. position:
+    the progress bar's terminal line. stop: asked after every step on every rank; when any
+    says so, fit logs, checkpoints that step and raises Preempted (a SLURM requeue).
+    Several ranks: pass the wrapped model and the real sink on rank 0 only; cfg.batch_size
+    is the global batch. Evaluations log the throughput since the previous one and, given
+    peak_flops, the MFU. cfg.data_workers > 0: DataLoader processes collate the batches."""
     from tqdm import tqdm
 
-    env = env or dist_env()
-    device = next(model.parameters()).device
-    set_checkpointing(model, bool(cfg.activation_checkpointing))
-    run_dir = Path(run_dir)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    state = load_checkpoint(run_dir, model, optimizer, env)
-    step, tokens_seen, executed = state["step"], state["tokens_seen"], state.get("tokens_executed", state["tokens_seen"])
+    env, device, run_dir = env or dist_env(), next(model.parameters()).device, Path(run_dir)
+    optimizer = _optimizer(model, cfg)
+    step, tokens_seen, executed, val_loss, val_acc = _resume(load_checkpoint(run_dir, model, optimizer, env))
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
-    val_loss, val_acc = state.get("val_loss", float("nan")), state.get("val_acc", float("nan"))
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
                mininterval=2, position=position)
+    clock = CheckpointClock(cfg.checkpoint_every_min)
 
     def flush_and_checkpoint():
-        # metrics first: a kill between the two re-runs these steps from the older
-        # checkpoint, and the sink drops points already logged (polar.sinks.SkipLogged);
-        # the other order would lose them
+        # metrics first: a kill between the two re-runs these steps from the older checkpoint, and
+        # the sink drops points already logged (polar.sinks.SkipLogged); the other order would lose them
         on_main(lambda: sink.log_many(list(buffer)), env)
         buffer.clear()
         save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen, tokens_executed=executed,
                         val_loss=val_loss, val_acc=val_acc)
+        clock.reset()
 
     mark = (time.perf_counter(), tokens_seen, executed)        # throughput since the last evaluation
-    clock = CheckpointClock(cfg.checkpoint_every_min)
     data = StepBatches(train, special, cfg, env, row_capacity(unwrap(model)) if cfg.packing else None)
     with step_batches(data, step, steps, cfg.data_workers) as batches:
         while step < steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, steps, cfg)
+            _set_lr(optimizer, lr_at(step, steps, cfg))
             micro, naive, packed = next(batches)
             loss = mean_across(train_step(model, optimizer, micro, special, cfg, device))
             step += 1
@@ -291,12 +283,10 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                                              packing=cfg.packing, env=env, cfg=cfg)
                 buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
                 flush_and_checkpoint()
-                clock.reset()
                 mark = (time.perf_counter(), tokens_seen, executed)
                 bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
             elif clock.due():        # a hard failure loses at most checkpoint_every_min of training
                 flush_and_checkpoint()
-                clock.reset()
             if stop is not None and step < steps and any_rank(stop()):
                 if buffer:               # not an evaluation step, which has just been checkpointed
                     flush_and_checkpoint()
@@ -304,6 +294,23 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                 raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+
+
+def _optimizer(model, cfg: TrainConfig):
+    """AdamW over the model (activation checkpointing set as cfg says first)."""
+    set_checkpointing(model, bool(cfg.activation_checkpointing))
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def _resume(state: dict) -> tuple[int, int, int, float, float]:
+    """(step, tokens_seen, tokens executed, val_loss, val_acc) of a loaded checkpoint's counters."""
+    return (state["step"], state["tokens_seen"], state.get("tokens_executed", state["tokens_seen"]),
+            state.get("val_loss", float("nan")), state.get("val_acc", float("nan")))
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 class CheckpointClock:

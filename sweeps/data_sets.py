@@ -96,7 +96,7 @@ def policy_sizes(data: DataConfig) -> list[Optional[int]]:
     return [policy_size(p) if p.kind == "hf" and Path(p.path).is_dir() else None for p in data.policies]
 
 
-def refusal(data: DataConfig, estimates: Sequence[UnitEstimate], res: ResourcesConfig) -> Optional[str]:
+def refusal(estimates: Sequence[UnitEstimate], res: ResourcesConfig) -> Optional[str]:
     """Why the units cannot run on this cluster's GPU shape (a policy larger than one
     node's GPUs), or None."""
     big = [e for e in estimates if e.gpus > res.gpus_per_node]

@@ -68,7 +68,7 @@ def _synthesis_plan(job: JobConfig) -> Plan:
     from sweeps.data_sets import estimate, policy_sizes, refusal
 
     est = estimate(job.data, policy_sizes(job.data), job.resources)
-    if reason := refusal(job.data, est, job.resources):
+    if reason := refusal(est, job.resources):
         raise ValueError(reason)
     return synthesis_plan(job.data, sum(e.tokens for e in est), sum(e.gpu_hours for e in est))
 

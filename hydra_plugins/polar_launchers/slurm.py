@@ -237,7 +237,7 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         """The units of work of every data set the sweep's jobs need that is not there yet
         (planned here, on the login node), as job arrays, one per resource shape:
         [(unit, submitit job)]. The sweep's jobs then wait for them (afterok)."""
-        from sweeps.data_sets import needed, prepare_units, unit_table
+        from sweeps.data_sets import estimate, needed, policy_sizes, prepare_units, unit_table
         from sweeps.sweep_plan import print_flush
 
         if not jobs or not is_polar_sweep(self.config):
@@ -245,24 +245,24 @@ class PolarSlurmLauncher(BaseSubmititLauncher):
         missing = [ds for ds in needed(jobs) if not ds.ready]
         if not missing:
             return []
-        print_flush(unit_table(missing, jobs[0].job.resources))
+        res = jobs[0].job.resources
+        print_flush(unit_table(missing, res))
         submitted = []
         for ds in missing:
-            units = prepare_units(ds)
+            shapes = {e.policy: self.unit_shape(e, res) for e in estimate(ds.data, policy_sizes(ds.data), res)}
             groups: dict = {}
-            for unit in units:
-                groups.setdefault(self.unit_shape(ds, unit, jobs[0].job.resources), []).append(unit)
+            for unit in prepare_units(ds):
+                groups.setdefault(shapes[unit.name], []).append(unit)
             for shape, group in groups.items():
                 submitted += self.submit_units(ds, shape, group, submitted)
         return submitted
 
-    def unit_shape(self, ds, unit, res):
-        """A unit's SLURM request: the GPUs its policy needs (sweeps.data_sets.estimate) and
-        its time with the sweep's margin; an n-gram policy's unit runs on one CPU."""
-        from sweeps.data_sets import estimate, policy_sizes
+    def unit_shape(self, est, res):
+        """The SLURM request of a policy's units (est: its sweeps.data_sets.UnitEstimate):
+        the GPUs it needs and its time with the sweep's margin; an n-gram policy's unit runs
+        on one CPU."""
         from sweeps.sweep_plan import Shape
 
-        est = {e.policy: e for e in estimate(ds.data, policy_sizes(ds.data), res)}[unit.name]
         if not est.gpus or self.params.get("gpus_per_node") == 0:
             return Shape(1, 0, 1, 4, 60, 1)
         hours = est.gpu_hours / max(est.units, 1) / est.gpus
