@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 CACHE = ROOT / ".cache" / "bench"
-from tests.fixtures import convert_smollm2  # noqa: E402  (SmolLM2's GGUF as an HF folder, as the tests make it)
 
 POLAR_TOKENS = 0.94e12
 TOPICS = ["the sea", "a library", "prime numbers", "autumn", "a bicycle", "coffee", "the moon", "rain"]
@@ -165,6 +164,8 @@ def main() -> None:
     if not args.gpu_only:
         tiny = tiny_qwen2(CACHE / "tiny-qwen2", tok)
         rows += [measure_hf("tiny-qwen2 (cpu)", tiny, args.prompts, args.new_tokens, b, "cpu") for b in batches]
+        from tests.fixtures import convert_smollm2  # SmolLM2's GGUF as an HF folder, as the tests make it
+
         small = None if args.no_smollm2 else convert_smollm2(CACHE / "smollm2")
         if small is not None:
             rows += [measure_hf("SmolLM2-135M (cpu)", small, args.prompts, args.new_tokens, b, "cpu", chat=True)

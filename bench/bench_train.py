@@ -58,10 +58,16 @@ SPECIAL = {"pad": 0, "bos": 1, "sep": 2, "reward": 3}
 CLOCKS = ("cpu", "wall")
 
 
+ARCHITECTURE = ("name", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings", "rope_theta")
+
+
 def load_preset(name: str) -> ModelConfig:
+    """A preset's architecture alone (random weights: no checkpoint, no Hydra defaults)."""
     import yaml
 
-    return ModelConfig(**yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text()))
+    preset = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
+    return ModelConfig(**{k: v for k, v in preset.items() if k in ARCHITECTURE})
 
 
 def synthetic_batch(n: int, p: int, r: int, c: int, vocab: int, seed: int = 0) -> TokenTriplets:

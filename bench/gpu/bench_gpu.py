@@ -22,7 +22,11 @@ peak 989 TFLOP/s for an H100 or H200 (--peak to override). A deadline (--time-li
 default 210 s) stops between steps; bench/gpu/run.sh adds a hard limit of 240 s.
 Needs no download.
 
-Usage: bash bench/gpu/run.sh [--preset 1.8b] [--batch 32] [--micro 4] [--steps 4] [--paths packed,naive]
+With --runs, each run is path:micro-batch[:ckpt] (ckpt: activation checkpointing); after
+each, the peak of torch.cuda.max_memory_allocated is printed beside sweeps.memory's
+estimate for the same micro-batch (the dry run's figure, without its 2 GB overhead).
+
+Usage: bash bench/gpu/run.sh [--preset 1.8b] [--batch 32] [--steps 4] [--runs packed:4,packed:16:ckpt,naive:4]
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from polar.config import TrainConfig  # noqa: E402
 from polar.data import TokenTriplets, naive_batch  # noqa: E402
 from polar.model import build_model, n_params, set_attention  # noqa: E402
 from polar.packing import pack_triplets  # noqa: E402
-from polar.trainer import scores, train_step  # noqa: E402
+from polar.trainer import scores, set_checkpointing, train_step  # noqa: E402
 
 PEAKS = {"H100": 989e12, "H200": 989e12}     # bf16 dense, SXM
 
@@ -119,15 +123,45 @@ def report(path: str, times: list[float], batch, flops: float, tokens: int, peak
           f"{flops / t / 1e12:.1f} TFLOP/s, MFU {mfu}", flush=True)
 
 
+def parse_runs(text: str) -> list[tuple[str, int, bool]]:
+    """'packed:4,packed:16:ckpt,naive:4' -> [(path, micro-batch, checkpointing)]."""
+    runs = []
+    for item in text.split(","):
+        path, micro, *flag = item.split(":")
+        if path not in ("packed", "naive") or flag not in ([], ["ckpt"]):
+            raise SystemExit(f"--runs item {item!r}: expected packed|naive:MICRO[:ckpt]")
+        runs.append((path, int(micro), flag == ["ckpt"]))
+    return runs
+
+
+def planned_gb(cfg, params: int, batch: TokenTriplets, mix, jitter: float, micro: int, packing: bool,
+               ckpt: bool) -> tuple[float, float]:
+    """(the dry run's per-GPU estimate, sweeps.memory, for rows as long as the batch's
+    longest, without its 2 GB overhead; the same for this batch's largest micro-batch)."""
+    from polar.config import DataConfig
+    from sweeps.memory import activation_bytes_per_token, estimate
+
+    p, r, _ = mix
+    data = DataConfig(prefix_min=max(1, int(p * (1 - jitter))), prefix_max=int(p * (1 + jitter)) + 1,
+                      max_response_tokens=int(r * (1 + jitter)) + 1)
+    plan = estimate(cfg, params, data, micro_batch=micro, ranks=1, sharded=False, packing=packing,
+                    checkpointing=ckpt, on_gpu=True)
+    chunks = [batch.subset(range(i, min(len(batch), i + micro))) for i in range(0, len(batch), micro)]
+    tokens = max(step_flops(cfg, c, packing)[1] if packing else
+                 2 * len(c) * int(c.naive_tokens().max() / 2 + 1) for c in chunks)
+    actual = plan.state_gb + tokens * activation_bytes_per_token(cfg, 2, ckpt) / 1e9
+    return plan.state_gb + plan.activations_gb, actual
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="1.8b")
     parser.add_argument("--mix", default="256/64/64", help="mean prompt/reference/candidate tokens")
     parser.add_argument("--jitter", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=32, help="triplets per optimizer step")
-    parser.add_argument("--micro", type=int, default=4, help="triplets per micro-batch")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per path, after one warm-up")
-    parser.add_argument("--paths", default="packed,naive")
+    parser.add_argument("--runs", default="packed:4,naive:4",
+                        help="path:micro-batch[:ckpt], comma-separated (ckpt: activation checkpointing)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run, after one warm-up")
     parser.add_argument("--peak", type=float, default=None, help="peak FLOP/s for MFU")
     parser.add_argument("--time-limit", type=float, default=210.0, help="seconds; stops between steps")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of the plumbing (packed uses SDPA)")
@@ -138,33 +172,51 @@ def main(argv=None) -> None:
         sys.exit("bench_gpu.py needs a CUDA GPU (or --device cpu for a smoke run)")
     gpu, peak = peak_flops(args.peak, device)
     cfg = load_preset(args.preset)
+    runs = parse_runs(args.runs)
     torch.manual_seed(0)
     with device:
         model = build_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = jittered_batch(args.batch, tuple(int(x) for x in args.mix.split("/")), args.jitter, cfg.vocab_size)
-    print(f"{gpu}, torch {torch.__version__}; {args.preset}: {n_params(cfg) / 1e9:.2f}B params; batch "
-          f"{args.batch} triplets (micro {args.micro}), mix {args.mix} +-{args.jitter:.0%}; "
+    params = n_params(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    mix = tuple(int(x) for x in args.mix.split("/"))
+    batch = jittered_batch(args.batch, mix, args.jitter, cfg.vocab_size)
+    print(f"{gpu}, torch {torch.__version__}; {args.preset}: {params / 1e9:.2f}B params; batch "
+          f"{args.batch} triplets, mix {args.mix} +-{args.jitter:.0%}; fused AdamW; "
           f"bound (naive / packed tokens) {batch.naive_tokens().sum() / batch.packed_tokens().sum():.2f}x", flush=True)
     results = {}
-    for path in args.paths.split(","):
+    for path, micro, ckpt in runs:
         packing = path == "packed"
+        name = f"{path} micro {micro}{' +ckpt' if ckpt else ''}"
         set_attention(model, packed_attention(device) if packing else "sdpa")
-        train = TrainConfig(lr=1e-5, batch_size=args.batch, micro_batch_size=args.micro, packing=packing)
-        print(f"{path}:", flush=True)
-        times = time_path(model, optimizer, batch, train, args.steps, deadline, device)
+        set_checkpointing(model, ckpt)
+        train = TrainConfig(lr=1e-5, batch_size=args.batch, micro_batch_size=micro, packing=packing)
+        print(f"{name}:", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            times = time_path(model, optimizer, batch, train, args.steps, deadline, device)
+        except torch.OutOfMemoryError as err:
+            print(f"{name}: out of memory ({str(err).splitlines()[0]})", flush=True)
+            optimizer.zero_grad(set_to_none=True)
+            continue
         flops, tokens = step_flops(cfg, batch, packing)
-        report(path, times, batch, flops, tokens, peak)
-        results[path] = statistics.median(times) if times else None
-    if all(results.get(p) for p in ("packed", "naive")):
-        print(f"packed speedup {results['naive'] / results['packed']:.2f}x (triplets/s)")
+        report(name, times, batch, flops, tokens, peak)
+        bound, actual = planned_gb(cfg, params, batch, mix, args.jitter, micro, packing, ckpt)
+        if device.type == "cuda":
+            print(f"  memory: max_memory_allocated {torch.cuda.max_memory_allocated() / 1e9:.1f} GB; estimate "
+                  f"(sweeps.memory, no overhead) {actual:.1f} GB at this batch's largest micro-batch, "
+                  f"{bound:.1f} GB planned for rows of the longest length", flush=True)
+        results[name] = statistics.median(times) if times else None
+    naive, packed = results.get("naive micro 4"), results.get("packed micro 4")
+    if naive and packed:
+        print(f"packed speedup {naive / packed:.2f}x (triplets/s, micro 4)")
     if deadline - time.monotonic() > 45:      # the check compiles an fp32 forward kernel
+        set_checkpointing(model, False)
         diff = check_equal(model, batch.subset(range(min(4, len(batch)))), device)
         print(f"packed ({packed_attention(device)}) vs naive (sdpa) fp32 rewards, max |diff|: {diff:.2e}")
     else:
         print("no time left for the packed-vs-naive reward check")
-    if device.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":
