@@ -6,7 +6,9 @@ Owns the pictures of a scaling study, each a function ``plot_*(..., path) -> pat
   fitted law and its bootstrap confidence band (POLAR Fig. 4, left);
 - ``plot_loss_vs_compute``: every run's validation curve against training FLOPs,
   coloured by model size, the compute-optimal frontier and its fit (Fig. 4, right);
-- ``plot_isoflops``: loss against N per compute budget with parabola minima;
+- ``plot_isoflops``: loss against N per compute budget, each budget's parabola and its
+  minimum; beside it N_opt against C with the fitted power law (Approach 2) and the
+  frontier's sizes (Approach 1);
 - ``plot_residuals``: log residuals of each fit against its x.
 
 matplotlib is imported inside the functions; figures are ``Figure`` objects, never
@@ -110,27 +112,70 @@ def plot_loss_vs_compute(curves: pd.DataFrame, records: pd.DataFrame, frontier: 
     return _save(fig, path)
 
 
-def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, rtol: float = 0.05) -> str:
-    """Loss against N for each budget, with its parabola minimum where one exists."""
+def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, n_opt_fit: dict | None = None,
+                  frontier_sizes: pd.DataFrame | None = None, rtol: float = 0.05, title: str | None = None) -> str:
+    """Left: loss against N per compute budget (one colour each), its fitted parabola
+    in ln N and its minimum (a star; a budget not used is drawn dashed, its vertex an
+    open marker, 'not used' in the legend). Right: the usable minima N_opt against C,
+    the fitted N_opt = k C^a (``n_opt_fit``, frontier.fit_n_opt's dict) and, where
+    given, Approach 1's points (``frontier_sizes``: compute, n_params)."""
+    from matplotlib.figure import Figure
+
     from analysis.frontier import group_budgets
 
-    fig, ax = _figure()
+    fig = Figure(figsize=(11.5, 4.6), dpi=_DPI, layout="constrained")
+    ax, ax2 = fig.subplots(1, 2)
     r = records.dropna(subset=["n_params", "compute", "loss"])
-    labels = group_budgets(r["compute"], rtol)
-    for i, (_, g) in enumerate(r.groupby(labels)):
-        g = g.sort_values("n_params")
-        c = float(np.exp(np.mean(np.log(g["compute"]))))
-        ax.plot(g["n_params"], g["loss"], "o-", color=f"C{i % 10}", ms=4, lw=1, label=f"C = {c:.2g} FLOPs")
-    ok = minima[minima["ok"]] if len(minima) else minima
-    if len(ok):
-        ax.scatter(ok["n_opt"], ok["loss_opt"], marker="*", s=120, color="k", zorder=5, label="parabola minimum")
+    labels = group_budgets(r["compute"], rtol) if len(r) else np.array([], int)
+    budgets = {float(np.exp(np.mean(np.log(g["compute"])))): g for _, g in r.groupby(labels)}
+    for i, m in enumerate(minima.sort_values("compute").to_dict(orient="records")):
+        color = f"C{i % 10}"
+        g = next((g for c, g in budgets.items() if abs(c / m["compute"] - 1) <= rtol), None)
+        ok = bool(m["ok"])
+        tag = f"C = {m['compute']:.2g} FLOPs" + ("" if ok else " (not used)")
+        if g is not None:
+            ax.scatter(g["n_params"], g["loss"], s=22, color=color, zorder=3, label=tag)
+        if {"p0", "p1", "p2"} <= set(m) and np.isfinite(m["p2"]):
+            u = np.linspace(np.log(m["n_min"]) - 0.25, np.log(m["n_max"]) + 0.25, 100)
+            ax.plot(np.exp(u), m["p0"] + m["p1"] * u + m["p2"] * u ** 2, color=color, lw=1.3, ls="-" if ok else "--")
+        if np.isfinite(m["n_opt"]):
+            ax.scatter([m["n_opt"]], [m["loss_opt"]], marker="*" if ok else "o", s=150 if ok else 60, zorder=5,
+                       facecolor=color if ok else "none", edgecolor="k", linewidths=0.8)
+    ax.scatter([], [], marker="*", s=150, color="0.5", edgecolor="k", label="parabola minimum (used)")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N (count)")
     ax.set_ylabel("final validation loss (nats / pair)")
-    ax.set_title("IsoFLOP curves")
+    ax.set_title(title or "IsoFLOP curves: a parabola in ln N per budget")
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=7)
+    _plot_n_opt(ax2, minima, n_opt_fit, frontier_sizes)
     return _save(fig, path)
+
+
+def _plot_n_opt(ax, minima: pd.DataFrame, fit: dict | None, frontier_sizes: pd.DataFrame | None) -> None:
+    ok = minima[minima["ok"].astype(bool)] if len(minima) else minima
+    if frontier_sizes is not None and len(frontier_sizes):
+        ax.scatter(frontier_sizes["compute"], frontier_sizes["n_params"], s=10, color="0.6", zorder=2,
+                   label="Approach 1: size of the run on the frontier")
+    if len(ok):
+        ax.scatter(ok["compute"], ok["n_opt"], marker="*", s=150, color="C3", edgecolor="k", zorder=4,
+                   label="Approach 2: parabola minima")
+    if fit is not None:
+        c = np.geomspace(min(fit["compute"]) / 1.5, max(fit["compute"]) * 1.5, 50)
+        ci = fit.get("a_ci")
+        extra = f", {int(round(100 * fit['level']))}% CI {ci[0]:.2f} to {ci[1]:.2f}" if ci else ""
+        ax.plot(c, fit["k"] * c ** fit["a"], color="C3", lw=1.6, label=f"N_opt = {fit['k']:.3g} C^{fit['a']:.3f}{extra}")
+        fr = fit.get("frontier")
+        if fr:
+            ax.plot(c, fr["k"] * c ** fr["a"], color="0.5", lw=1.2, ls="--", label=f"Approach 1: N ∝ C^{fr['a']:.3f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute C (FLOPs)")
+    ax.set_ylabel("compute-optimal parameters N_opt")
+    ax.set_title("N_opt against C")
+    ax.grid(True, which="both", alpha=0.25)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
 
 
 def plot_residuals(series: Mapping[str, tuple], path) -> str:

@@ -7,7 +7,9 @@ Owns the end of the pipeline (DESIGN.md, data flow step 4):
    trained at several budgets) and L = a C^b over the compute-optimal frontier of the
    validation curves (analysis/frontier.py), each with bootstrap CIs; held-out
    prediction of the largest model when there are at least 4 sizes; IsoFLOP minima
-   and N_opt = a C^b where a budget has at least 3 sizes;
+   where a budget has at least 3 sizes and N_opt = k C^a through the usable ones
+   (Approach 2, t interval and a bootstrap over the runs' loss noise), beside the
+   exponent of the sizes that hold the frontier (Approach 1);
 3. write ``fits.json``, ``report.md`` and PNGs to ``--out`` and log them as artifacts
    of an analysis run (tag polar.kind = analysis) in the same experiment.
 
@@ -36,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fit as F
-from analysis.frontier import envelope, isoflop_minima, pareto_frontier
+from analysis.frontier import bootstrap_n_opt, envelope, fit_n_opt, frontier_sizes, isoflop_minima, pareto_frontier
 from analysis.laws import chinchilla_optimal
 from polar import names
 from polar.atomic import atomic_path
@@ -137,6 +139,7 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
         raise ReportError(f"experiment {rec.experiment!r}: the fit of L = a N^b failed: {exc}") from None
     out["frontier"] = frontier_points(records, curves)
     out["isoflop"] = isoflop_minima(records.dropna(subset=["compute"]))
+    out["isoflop_records"] = records.dropna(subset=["compute"])
     for name, part in (("size_holdout", _size_holdout), ("compute_fit", _compute_fit),
                        ("size_prediction", _size_prediction), ("isoflop_fit", _isoflop_fit)):
         try:
@@ -177,11 +180,19 @@ def _size_prediction(out, k, seed):
 
 
 def _isoflop_fit(out, k, seed):
-    minima = out["isoflop"]
-    ok = minima[minima["ok"]] if len(minima) else minima
-    if len(ok) < 2:
+    """Approach 2's N_opt = k C^a (t interval, and the bootstrap over the runs' loss
+    noise when k >= 2), with Approach 1's exponent from the frontier's sizes beside it."""
+    fit = fit_n_opt(out["isoflop"])
+    if fit is None:
         return None
-    return F.fit("power", {"x": ok["compute"].to_numpy(float)}, ok["n_opt"].to_numpy(float))
+    fit["bootstrap"] = bootstrap_n_opt(out["isoflop_records"], k=k, seed=seed) if k >= 2 else None
+    sizes = frontier_sizes(out["frontier"], out["isoflop_records"])
+    if sizes["n_params"].nunique() >= 2:
+        f1 = fit_n_opt(sizes.rename(columns={"n_params": "n_opt"}).assign(ok=True))
+        fit["frontier"] = {"k": f1["k"], "a": f1["a"], "n_points": int(len(sizes)),
+                           "sizes": sorted(float(n) for n in sizes["n_params"].unique())}
+    out["frontier_sizes"] = sizes
+    return fit
 
 
 def chinchilla_fit(records: pd.DataFrame) -> dict | None:
@@ -235,7 +246,7 @@ def fits_json(rec, an: dict) -> dict:
     if "size_prediction" in an:
         fits["loss_vs_params"]["prediction"] = an["size_prediction"]
     if "isoflop_fit" in an:
-        fits["n_opt_vs_compute"] = _fit_json(an["isoflop_fit"], "compute")
+        fits["n_opt_vs_compute"] = _n_opt_json(an["isoflop_fit"])
     chin = an.get("chinchilla")
     if chin and "fit" in chin:
         fits["chinchilla"] = {**_fit_json(chin["fit"], "n_params,tokens"),
@@ -254,6 +265,24 @@ def fits_json(rec, an: dict) -> dict:
         "unfinished": list(rec.unfinished),
         "skipped": dict(an.get("skipped", {})),
     }
+
+
+def _n_opt_json(f: dict) -> dict:
+    """fits.json's N_opt = a C^b (Approach 2; params a = k, b = the exponent)."""
+    d = {"law": "power", "x": "compute", "y": "n_opt", "approach": 2,
+         "params": {"a": f["k"], "b": f["a"]}, "n": f["n_budgets"], "dof": f["dof"], "se_b": f["se_a"],
+         "r2_log": f["r2_log"], "level": f["level"], "ci_method": f["interval"], "points": {"compute": f["compute"], "n_opt": f["n_opt"]}}
+    if f["a_ci"] is not None:
+        d["ci"] = {"b": f["a_ci"]}
+    if f.get("bootstrap"):
+        b = f["bootstrap"]
+        d["bootstrap_runs"] = {"ci": {"b": b["a_ci"]}, "level": b["level"], "resamples": b["k"], "asked": b["k_asked"],
+                               "method": "residual bootstrap of the parabolas (loss noise of the runs only)"}
+    if f.get("frontier"):
+        fr = f["frontier"]
+        d["frontier_approach_1"] = {"params": {"a": fr["k"], "b": fr["a"]}, "n_points": fr["n_points"], "sizes": fr["sizes"],
+                                    "method": "least squares of ln N (the run holding each frontier point) on ln C"}
+    return d
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
@@ -318,13 +347,9 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     if "loss_vs_compute" in images:
         lines += [f"![loss vs C]({images['loss_vs_compute']})", ""]
     if fj["isoflop_minima"]:
-        lines += ["## IsoFLOP minima", "", "| compute (FLOPs) | N_opt | loss at N_opt | sizes | ok |", "|---|---|---|---|---|"]
-        lines += [f"| {_fmt(m['compute'])} | {_fmt(m['n_opt'])} | {_fmt(m['loss_opt'])} | {m['n_sizes']} | {m['ok']} |"
-                  for m in fj["isoflop_minima"]]
-        if "n_opt_vs_compute" in fits:
-            p = fits["n_opt_vs_compute"]["params"]
-            lines += ["", f"N_opt = {p['a']:.4g} · C^{p['b']:.4f}"]
-        lines.append("")
+        lines += _isoflop_section(fj)
+        if "isoflop" in images:
+            lines += [f"![isoflop]({images['isoflop']})", ""]
     ch = fits.get("chinchilla")
     if ch and "skipped" in ch:
         lines += ["## Chinchilla law (Approach 3)", "", f"Not fitted: {ch['skipped']}", ""]
@@ -334,8 +359,6 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
                   f"L = {p['E']:.4g} + {p['A']:.4g} / N^{p['alpha']:.4f} + {p['B']:.4g} / D^{p['beta']:.4f} "
                   f"(R² = {ch['r2']:.4f}, n = {ch['n']}); at C = {o['compute']:.3g} FLOPs the optimum is "
                   f"N = {o['n_opt']:.3g}, D = {o['d_opt']:.3g} tokens.", ""]
-    if "isoflop" in images:
-        lines += [f"![isoflop]({images['isoflop']})", ""]
     if "residuals" in images:
         lines += [f"![residuals]({images['residuals']})", ""]
     lines += ["## Runs", "", "| model | N | N (non-embedding) | tokens | compute (FLOPs) | final val loss | run id |",
@@ -344,6 +367,44 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
               f"{_fmt(r['compute'])} | {_fmt(r['loss'])} | `{r['run_id']}` |" for r in fj["runs"]]
     lines.append("")
     return "\n".join(lines + _closing_sections(rec, fj))
+
+
+def _isoflop_section(fj: dict) -> list[str]:
+    """report.md's IsoFLOP part: the per-budget minima (unusable budgets with their
+    reason) and N_opt = k C^a with its interval, beside the frontier's exponents."""
+    fits = fj["fits"]
+    lines = ["## IsoFLOP minima (Approach 2)", "",
+             "Per budget, L = p0 + p1 ln N + p2 (ln N)² by least squares over the sizes trained at that budget "
+             "(seed means); its minimum is used when the parabola opens upwards and the minimum lies within the sizes tried.", "",
+             "| compute (FLOPs) | N_opt | loss at N_opt | sizes | sizes tried | curvature p2 | used |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {_fmt(m['compute'])} | {_fmt(m['n_opt'])} | {_fmt(m['loss_opt'])} | {m['n_sizes']} | "
+              f"{_fmt(m.get('n_min'))} to {_fmt(m.get('n_max'))} | {_fmt(m['curvature'])} | "
+              f"{'yes' if m['ok'] else 'no: ' + (m.get('reason') or 'unusable')} |" for m in fj["isoflop_minima"]]
+    lines.append("")
+    f = fits.get("n_opt_vs_compute")
+    if f is None:
+        used = sum(bool(m["ok"]) for m in fj["isoflop_minima"])
+        return lines + [f"N_opt against C not fitted: {used} usable budget(s); a power law needs 2 (3 for an interval).", ""]
+    p, pct = f["params"], int(round(100 * f["level"]))
+    ci = (f"{pct}% interval {f['ci']['b'][0]:.3f} to {f['ci']['b'][1]:.3f} ({f['ci_method']})" if "ci" in f
+          else f"no interval ({f['ci_method']})")
+    lines += [f"**N_opt = {p['a']:.4g} · C^{p['b']:.4f}** over {f['n']} budgets (least squares of ln N_opt on ln C): "
+              f"exponent {p['b']:.4f}, {ci}."]
+    if "bootstrap_runs" in f:
+        b = f["bootstrap_runs"]
+        lines += ["", f"Loss noise alone (residual bootstrap of the parabolas, {b['resamples']} of {b['asked']} resamples "
+                  f"usable): exponent {int(round(100 * b['level']))}% interval {b['ci']['b'][0]:.3f} to {b['ci']['b'][1]:.3f}; "
+                  "it leaves out the scatter of the minima about the line, which the t interval includes."]
+    fr = f.get("frontier_approach_1")
+    if fr:
+        lines += ["", f"Approach 1 beside it: the runs holding the compute frontier give N_opt ∝ C^{fr['params']['b']:.4f} "
+                  f"(least squares over {fr['n_points']} frontier points held by sizes "
+                  f"{', '.join(f'{n:.3g}' for n in fr['sizes'])}; no interval: the points are a staircase of a few runs, "
+                  "not independent)."]
+    if "loss_vs_compute" in fits:
+        lines += ["", f"The frontier's loss law (above): L ∝ C^{fits['loss_vs_compute']['params']['b']:.4f}."]
+    return lines + [""]
 
 
 def _closing_sections(rec, fj: dict) -> list[str]:
@@ -400,7 +461,9 @@ def _write_files(rec, an: dict, out_dir: Path) -> list[Path]:
                                    out_dir / images["loss_vs_compute"], title=f"{rec.experiment}: loss against compute")
     if len(an["isoflop"]):
         images["isoflop"] = "isoflop.png"
-        plots.plot_isoflops(rec.records, an["isoflop"], out_dir / images["isoflop"])
+        plots.plot_isoflops(an["isoflop_records"], an["isoflop"], out_dir / images["isoflop"],
+                            n_opt_fit=an.get("isoflop_fit"), frontier_sizes=an.get("frontier_sizes"),
+                            title=f"{rec.experiment}: IsoFLOP")
     series = {"L(N)": (an["sizes"]["n_params"], sf, "parameters N")}
     if "compute_fit" in an:
         series["L(C) frontier"] = (an["frontier"]["compute"], an["compute_fit"], "training compute C (FLOPs)")

@@ -297,8 +297,9 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 
 
 def _optimizer(model, cfg: TrainConfig):
-    """AdamW over the model (activation checkpointing set as cfg says first)."""
+    """AdamW over the model (activation checkpointing and compilation set as cfg says first)."""
     set_checkpointing(model, bool(cfg.activation_checkpointing))
+    set_compiled(model, cfg.compile)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
@@ -336,6 +337,24 @@ def set_checkpointing(model, on: bool) -> None:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif getattr(inner, "is_gradient_checkpointing", False):
         inner.gradient_checkpointing_disable()
+
+
+def set_compiled(model, on: bool) -> None:
+    """torch.compile each decoder layer (regional compilation, dynamic shapes, so later
+    row widths reuse the first compilation), or undo it. Speed only: the layers compute
+    the same function (on an H200, 1.8b: MFU 32% -> 45%, bench/README.md)."""
+    inner = unwrap(model)
+    layers = getattr(inner.base_model, "layers", None)
+    if layers is None:
+        if on:
+            raise ValueError(f"train.compile=true compiles the decoder layers, but {type(inner).__name__} has no "
+                             "base_model.layers; set train.compile=false")
+        return
+    for layer in layers:
+        if on:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None     # what nn.Module.compile sets
 
 
 def _check_finite(loss: float, step: int, run_dir: Path) -> None:

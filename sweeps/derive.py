@@ -111,11 +111,12 @@ def gpu_memory(model: ModelConfig, n: int, data: DataConfig, train: TrainSetting
     choices = [False, True] if train.activation_checkpointing is None else [train.activation_checkpointing]
     for checkpointing in choices:
         mem = estimate(model, n, data, micro_batch=micro, ranks=gpus, sharded=parallel == "fsdp",
-                       packing=train.packing, checkpointing=checkpointing, on_gpu=True)
+                       packing=train.packing, checkpointing=checkpointing, on_gpu=True,
+                       compiled=train.compile)
         if fits(mem, res.gpu_memory_gb):
             return mem
     fix = what_would_fit(model, n, data, micro_batch=micro, ranks=gpus, sharded=parallel == "fsdp",
-                         packing=train.packing,
+                         packing=train.packing, compiled=train.compile,
                          gpu_memory_gb=res.gpu_memory_gb, gpus_per_node=res.gpus_per_node)
     raise ValueError(f"model {model.name!r} on {gpus} GPU{'s' * (gpus > 1)} ({parallel}) needs {mem.describe()}, "
                      f"more than {res.gpu_memory_gb:g} GB GPUs hold (90% usable, resources.gpu_memory_gb); "

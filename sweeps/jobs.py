@@ -92,7 +92,7 @@ def run_key(job: JobConfig) -> str:
     for fine-tuning, the preference files' contents and the starting model).
     Not: tracking, paths, resources, CPU threads, how ranks share the model (parallel)."""
     train = {k: v for k, v in asdict(job.train).items() if k not in ("threads", "parallel", "data_workers",
-                                                                       "checkpoint_every_min")}
+                                                                       "checkpoint_every_min", "compile")}
     data = {k: v for k, v in asdict(job.data).items() if k != "max_epochs"}   # bounds the plan, not the result
     blob = {"model": asdict(job.model), "data": data, "train": train,
             "budget": asdict(job.budget), "recipe": {"name": job.recipe.name, **asdict(job.recipe)},

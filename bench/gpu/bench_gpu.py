@@ -123,19 +123,28 @@ def report(path: str, times: list[float], batch, flops: float, tokens: int, peak
           f"{flops / t / 1e12:.1f} TFLOP/s, MFU {mfu}", flush=True)
 
 
-def parse_runs(text: str) -> list[tuple[str, int, bool]]:
-    """'packed:4,packed:16:ckpt,naive:4' -> [(path, micro-batch, checkpointing)]."""
+def parse_runs(text: str) -> list[tuple[str, int, bool, bool]]:
+    """'packed:4,packed:16:ckpt,packed:16:compile' -> [(path, micro-batch, checkpointing, compiled)]."""
     runs = []
     for item in text.split(","):
-        path, micro, *flag = item.split(":")
-        if path not in ("packed", "naive") or flag not in ([], ["ckpt"]):
-            raise SystemExit(f"--runs item {item!r}: expected packed|naive:MICRO[:ckpt]")
-        runs.append((path, int(micro), flag == ["ckpt"]))
+        path, micro, *flags = item.split(":")
+        if path not in ("packed", "naive") or not set(flags) <= {"ckpt", "compile"}:
+            raise SystemExit(f"--runs item {item!r}: expected packed|naive:MICRO[:ckpt][:compile]")
+        runs.append((path, int(micro), "ckpt" in flags, "compile" in flags))
     return runs
 
 
+def set_compiled(model, on: bool) -> None:
+    """torch.compile each decoder layer (regional compilation, dynamic shapes), or undo it."""
+    for layer in model.model.layers:
+        if on:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None
+
+
 def planned_gb(cfg, params: int, batch: TokenTriplets, mix, jitter: float, micro: int, packing: bool,
-               ckpt: bool) -> tuple[float, float]:
+               ckpt: bool, compiled: bool) -> tuple[float, float]:
     """(the dry run's per-GPU estimate, sweeps.memory, for rows as long as the batch's
     longest, without its 2 GB overhead; the same for this batch's largest micro-batch)."""
     from polar.config import DataConfig
@@ -145,12 +154,12 @@ def planned_gb(cfg, params: int, batch: TokenTriplets, mix, jitter: float, micro
     data = DataConfig(prefix_min=max(1, int(p * (1 - jitter))), prefix_max=int(p * (1 + jitter)) + 1,
                       max_response_tokens=int(r * (1 + jitter)) + 1)
     plan = estimate(cfg, params, data, micro_batch=micro, ranks=1, sharded=False, packing=packing,
-                    checkpointing=ckpt, on_gpu=True)
+                    checkpointing=ckpt, on_gpu=True, compiled=compiled)
     chunks = [batch.subset(range(i, min(len(batch), i + micro))) for i in range(0, len(batch), micro)]
     tokens = max(step_flops(cfg, c, packing)[1] if packing else
                  2 * len(c) * int(c.naive_tokens().max() / 2 + 1) for c in chunks)
-    actual = plan.state_gb + tokens * activation_bytes_per_token(cfg, 2, ckpt) / 1e9
-    return plan.state_gb + plan.activations_gb, actual
+    fixed = plan.state_gb + plan.casts_gb
+    return fixed + plan.activations_gb, fixed + tokens * activation_bytes_per_token(cfg, True, compiled, ckpt) / 1e9
 
 
 def main(argv=None) -> None:
@@ -184,11 +193,12 @@ def main(argv=None) -> None:
           f"{args.batch} triplets, mix {args.mix} +-{args.jitter:.0%}; fused AdamW; "
           f"bound (naive / packed tokens) {batch.naive_tokens().sum() / batch.packed_tokens().sum():.2f}x", flush=True)
     results = {}
-    for path, micro, ckpt in runs:
+    for path, micro, ckpt, compiled in runs:
         packing = path == "packed"
-        name = f"{path} micro {micro}{' +ckpt' if ckpt else ''}"
+        name = f"{path} micro {micro}{' +ckpt' if ckpt else ''}{' +compile' if compiled else ''}"
         set_attention(model, packed_attention(device) if packing else "sdpa")
         set_checkpointing(model, ckpt)
+        set_compiled(model, compiled)
         train = TrainConfig(lr=1e-5, batch_size=args.batch, micro_batch_size=micro, packing=packing)
         print(f"{name}:", flush=True)
         if device.type == "cuda":
@@ -196,13 +206,13 @@ def main(argv=None) -> None:
             torch.cuda.reset_peak_memory_stats()
         try:
             times = time_path(model, optimizer, batch, train, args.steps, deadline, device)
-        except torch.OutOfMemoryError as err:
-            print(f"{name}: out of memory ({str(err).splitlines()[0]})", flush=True)
+        except Exception as err:      # out of memory, a compile failure: the next run still runs
+            print(f"{name}: failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}", flush=True)
             optimizer.zero_grad(set_to_none=True)
             continue
         flops, tokens = step_flops(cfg, batch, packing)
         report(name, times, batch, flops, tokens, peak)
-        bound, actual = planned_gb(cfg, params, batch, mix, args.jitter, micro, packing, ckpt)
+        bound, actual = planned_gb(cfg, params, batch, mix, args.jitter, micro, packing, ckpt, compiled)
         if device.type == "cuda":
             print(f"  memory: max_memory_allocated {torch.cuda.max_memory_allocated() / 1e9:.1f} GB; estimate "
                   f"(sweeps.memory, no overhead) {actual:.1f} GB at this batch's largest micro-batch, "
@@ -213,6 +223,7 @@ def main(argv=None) -> None:
         print(f"packed speedup {naive / packed:.2f}x (triplets/s, micro 4)")
     if deadline - time.monotonic() > 45:      # the check compiles an fp32 forward kernel
         set_checkpointing(model, False)
+        set_compiled(model, False)
         diff = check_equal(model, batch.subset(range(min(4, len(batch)))), device)
         print(f"packed ({packed_attention(device)}) vs naive (sdpa) fp32 rewards, max |diff|: {diff:.2e}")
     else:
