@@ -263,7 +263,8 @@ class TrainSettings:
     threads: int = 0                 # torch threads on the CPU; 0 = leave torch's default
     dtype: str = "auto"              # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     activation_checkpointing: Optional[bool] = None   # None: on where the plan needs it to fit a GPU
-    compile: bool = False            # torch.compile each decoder layer (speed only: 1.37x for 1.8b on an H200)
+    compile: bool = False            # CUDA: torch.compile each decoder layer (speed only: 1.37x for 1.8b on an H200);
+                                     # ignored on the CPU, where inductor breaks the packed attention's dynamic shapes
     checkpoint_every_min: float = 0.0  # also checkpoint when this much wall-clock time passed since the last; 0: at evaluations only
     data_workers: int = 0            # DataLoader processes collating batches; 0 = in the training process
     parallel: str = "auto"           # with several ranks: ddp | fsdp | auto (fsdp where one GPU cannot hold the training state)

@@ -299,7 +299,7 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 def _optimizer(model, cfg: TrainConfig):
     """AdamW over the model (activation checkpointing and compilation set as cfg says first)."""
     set_checkpointing(model, bool(cfg.activation_checkpointing))
-    set_compiled(model, cfg.compile)
+    set_compiled(model, cfg.compile and next(model.parameters()).device.type == "cuda")
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
