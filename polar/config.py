@@ -251,8 +251,11 @@ class TrainSettings:
 
     micro_batch_size: int = 0        # 0 = the whole batch at once (no accumulation)
     warmup_fraction: float = 0.05
-    schedule: str = "cosine"         # cosine | constant | linear
+    schedule: str = "cosine"         # cosine | constant | linear | wsd (warmup, stable, linear decay at the end)
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2      # wsd: the share of a run's (or a decay branch's) steps spent decaying
+    decay_at: list[float] = field(default_factory=list)   # wsd: fractions of the run's steps where a decay
+                                     # branch ends: each branches off the stable phase, decays, and logs its own point
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
@@ -272,7 +275,8 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         _positive("train", n_evals=self.n_evals)
-        _one_of("train", "schedule", self.schedule, ("cosine", "constant", "linear"))
+        _one_of("train", "schedule", self.schedule, ("cosine", "constant", "linear", "wsd"))
+        self._check_decays()
         _one_of("train", "eval_spacing", self.eval_spacing, ("log", "linear"))
         _one_of("train", "dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _one_of("train", "parallel", self.parallel, ("auto", "ddp", "fsdp"))
@@ -289,6 +293,21 @@ class TrainSettings:
                              f"got {self.data_workers!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+    def _check_decays(self) -> None:
+        if not 0 < self.decay_fraction < 1:
+            raise ValueError(f"train.decay_fraction must be in (0, 1), got {self.decay_fraction}")
+        at = list(self.decay_at)
+        if at and self.schedule != "wsd":
+            raise ValueError(f"train.decay_at={at} needs train.schedule=wsd (decay branches leave a stable "
+                             f"learning rate), got train.schedule={self.schedule}")
+        first = self.warmup_fraction / (1 - self.decay_fraction)
+        bad = [p for p in at if not first < p < 1]
+        if bad or at != sorted(set(at)):
+            raise ValueError(f"train.decay_at must be increasing fractions of the run in ({first:.3g}, 1) (a "
+                             f"branch starts after the warmup, train.warmup_fraction={self.warmup_fraction}, and "
+                             f"decays over train.decay_fraction={self.decay_fraction} of its length; the run's own "
+                             f"end is its last point), got {at}")
 
     def for_trainer(self, lr: float, batch_size: int) -> "TrainConfig":
         """These settings plus the LR and batch size: the trainer's config."""

@@ -30,6 +30,11 @@ THROUGHPUT = "throughput/tokens_per_s"
 MFU = "mfu"
 VAL_LOSS_FINAL = "val/loss_final"
 VAL_ACC_FINAL = "val/acc_final"
+# a WSD decay branch's end (train.decay_at), logged at the branch's last step: its own point
+DECAY_VAL_LOSS = "decay/val_loss"
+DECAY_VAL_ACC = "decay/val_acc"
+DECAY_TOKENS = "decay/tokens_seen"
+DECAY_FLOPS = "decay/flops_seen"
 
 # ---------------------------------------------------------------- tags
 RUN_KEY = "run_key"                         # also a parameter: the hash of what changes the result

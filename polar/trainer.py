@@ -83,18 +83,41 @@ class TrainResult:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Warmup (linear) then the configured decay, as a multiple of cfg.lr."""
+    """Warmup (linear) then the configured decay, as a multiple of cfg.lr. wsd: stable
+    until the last cfg.decay_fraction of `total` steps, then linear to cfg.min_lr_ratio."""
     warmup = int(cfg.warmup_fraction * total)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    if cfg.schedule == "constant":
+    if cfg.schedule == "wsd":
+        start = decay_start(total, cfg)
+        factor = 1.0 if step < start else 1 - (1 - cfg.min_lr_ratio) * (step + 1 - start) / (total - start)
+    elif cfg.schedule == "constant":
         factor = 1.0
     elif cfg.schedule == "linear":
         factor = 1 - (1 - cfg.min_lr_ratio) * progress
     else:
         factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr * factor
+
+
+def decay_start(total: int, cfg: TrainConfig) -> int:
+    """The step where a WSD run of `total` steps leaves its stable learning rate."""
+    return total - max(1, round(cfg.decay_fraction * total))
+
+
+def decay_branches(steps: int, cfg: TrainConfig) -> dict[int, int]:
+    """WSD decay branches of a run of `steps`: {start step: end step}. A branch ending at
+    a fraction p of the run (cfg.decay_at) leaves the stable phase where a WSD run of that
+    length would start decaying, so its end is the converged point of a shorter run."""
+    ends = sorted({round(p * steps) for p in cfg.decay_at})
+    branches = {decay_start(end, cfg): end for end in ends}
+    warmup = int(cfg.warmup_fraction * steps)
+    if len(branches) < len(cfg.decay_at) or any(start <= warmup for start in branches):
+        raise ValueError(f"train.decay_at={list(cfg.decay_at)} gives decay branches {branches} in a run of {steps} "
+                         f"steps: they must be distinct and start after the warmup ({warmup} steps); use fewer "
+                         "or later points, or a longer run")
+    return branches
 
 
 def eval_steps(total: int, n_evals: int, spacing: str) -> list[int]:
@@ -249,7 +272,9 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 
     env, device, run_dir = env or dist_env(), next(model.parameters()).device, Path(run_dir)
     optimizer = _optimizer(model, cfg)
-    step, tokens_seen, executed, val_loss, val_acc = _resume(load_checkpoint(run_dir, model, optimizer, env))
+    state = load_checkpoint(run_dir, model, optimizer, env)
+    step, tokens_seen, executed, val_loss, val_acc = _resume(state)
+    branches, decays_done = decay_branches(steps, cfg), list(state.get("decays_done", []))
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
                mininterval=2, position=position)
@@ -261,13 +286,20 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
         on_main(lambda: sink.log_many(list(buffer)), env)
         buffer.clear()
         save_checkpoint(run_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen, tokens_executed=executed,
-                        val_loss=val_loss, val_acc=val_acc)
+                        val_loss=val_loss, val_acc=val_acc, decays_done=decays_done)
         clock.reset()
 
     mark = (time.perf_counter(), tokens_seen, executed)        # throughput since the last evaluation
     data = StepBatches(train, special, cfg, env, row_capacity(unwrap(model)) if cfg.packing else None)
     with step_batches(data, step, steps, cfg.data_workers) as batches:
         while step < steps:
+            if branches.get(step) not in (None, *decays_done):    # a WSD decay branch leaves here
+                flush_and_checkpoint()                             # ... and comes back to this state
+                buffer.append(decay_branch(model, optimizer, data, step, branches[step], tokens_seen, val, cfg,
+                                           flops_per_token, env))
+                load_checkpoint(run_dir, model, optimizer, env)
+                decays_done.append(branches[step])
+                flush_and_checkpoint()
             _set_lr(optimizer, lr_at(step, steps, cfg))
             micro, naive, packed = next(batches)
             loss = mean_across(train_step(model, optimizer, micro, special, cfg, device))
@@ -294,6 +326,23 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                 raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
     bar.close()
     return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
+
+
+def decay_branch(model, optimizer, data: "StepBatches", start: int, end: int, tokens_seen: int, val, cfg: TrainConfig,
+                 flops_per_token: float, env: DistEnv) -> tuple[dict, int]:
+    """Train steps start..end on the run's own batches with the learning rate of a WSD
+    run of `end` steps (its decay), evaluate, and return the point (DECAY_* metrics, end).
+    The caller restores the state the branch left from."""
+    device = next(model.parameters()).device
+    for step in range(start, end):
+        _set_lr(optimizer, lr_at(step, end, cfg))
+        micro, naive, _ = data[step]
+        train_step(model, optimizer, micro, data.special, cfg, device)
+        tokens_seen += naive
+    loss, acc = evaluate(model, val, data.special, device, batch_size=cfg.micro_batch_size or 64,
+                         packing=cfg.packing, env=env, cfg=cfg)
+    return {names.DECAY_VAL_LOSS: loss, names.DECAY_VAL_ACC: acc, names.DECAY_TOKENS: tokens_seen,
+            names.DECAY_FLOPS: tokens_seen * flops_per_token}, end
 
 
 def _optimizer(model, cfg: TrainConfig):

@@ -1,0 +1,88 @@
+"""Warmup-stable-decay (train.schedule=wsd) and its decay branches (train.decay_at): the
+schedule's shape, the branches' placement and checks, and a branch's end being exactly
+the converged point of a shorter WSD run, while the main run goes on as if no branch
+had left it (also across a preemption)."""
+
+import pytest
+
+from polar import names
+from polar.config import TrainConfig
+from polar.sinks import NullSink
+from polar.trainer import Preempted, decay_branches, fit, lr_at
+from tests.fixtures import ListSink, seeded_model
+
+
+def wsd(**kw) -> TrainConfig:
+    return TrainConfig(**{"lr": 3e-3, "batch_size": 8, "schedule": "wsd", "warmup_fraction": 0.0,
+                          "min_lr_ratio": 0.0, "decay_fraction": 0.25, "n_evals": 2, "eval_spacing": "linear", **kw})
+
+
+def test_the_schedule_is_stable_then_decays_linearly_over_its_last_fraction():
+    cfg = wsd(warmup_fraction=0.1, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 40, cfg) for s in range(40)]
+    assert lrs[2] < lrs[3] == lrs[29] == cfg.lr                 # 4 warmup steps, stable to step 30
+    assert lrs[30] < lrs[29] and lrs[-1] == pytest.approx(0.1 * cfg.lr)
+    assert all(a > b for a, b in zip(lrs[30:], lrs[31:]))
+
+
+def test_branches_leave_where_a_shorter_wsd_run_would_decay():
+    assert decay_branches(100, wsd(decay_at=[0.25, 0.5])) == {19: 25, 38: 50}
+    assert decay_branches(100, wsd()) == {}
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"schedule": "cosine", "decay_at": [0.5]}, "needs train.schedule=wsd"),
+    ({"decay_at": [0.5, 1.0]}, r"increasing fractions of the run in \(0, 1\)"),
+    ({"decay_at": [0.5, 0.25]}, "increasing fractions"),
+    ({"warmup_fraction": 0.3, "decay_at": [0.2]}, r"in \(0.4, 1\).*got \[0.2\]"),
+    ({"decay_fraction": 1.0}, r"train.decay_fraction must be in \(0, 1\), got 1.0"),
+])
+def test_bad_decay_settings_are_refused_by_name(kw, message):
+    with pytest.raises(ValueError, match=message):
+        wsd(**kw)
+
+
+def test_two_points_that_round_to_one_branch_are_refused():
+    with pytest.raises(ValueError, match=r"decay_at=\[0.5, 0.51\] gives decay branches .* distinct"):
+        decay_branches(10, wsd(decay_at=[0.5, 0.51]))
+
+
+def decay_points(sink: ListSink) -> dict[int, dict]:
+    return {step: m for m, step in sink.points if names.DECAY_VAL_LOSS in m}
+
+
+def test_a_branch_ends_at_the_point_of_a_shorter_run_and_the_main_run_is_unchanged(tiny_data, tmp_path):
+    _, _, train, val, special = tiny_data
+    sink = ListSink()
+    main = fit(seeded_model(special), train, val, special, wsd(decay_at=[0.5]), 16, 2.0, tmp_path / "main", sink,
+               progress=False)
+    plain = fit(seeded_model(special), train, val, special, wsd(), 16, 2.0, tmp_path / "plain", NullSink(),
+                progress=False)
+    short = fit(seeded_model(special), train, val, special, wsd(), 8, 2.0, tmp_path / "short", NullSink(),
+                progress=False)
+    (point,) = decay_points(sink).items()
+    assert point[0] == 8
+    assert point[1][names.DECAY_VAL_LOSS] == pytest.approx(short.val_loss, abs=1e-6)
+    assert point[1][names.DECAY_TOKENS] == short.tokens_seen
+    assert point[1][names.DECAY_FLOPS] == 2.0 * short.tokens_seen
+    assert main.val_loss == pytest.approx(plain.val_loss, abs=1e-6) and main.tokens_seen == plain.tokens_seen
+
+
+def test_a_preempted_run_does_not_repeat_a_finished_branch(tiny_data, tmp_path):
+    _, _, train, val, special = tiny_data
+    cfg = wsd(decay_at=[0.25, 0.5])
+    whole = ListSink()
+    full = fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", whole, progress=False)
+    first, calls = ListSink(), []
+    with pytest.raises(Preempted):
+        fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "cut", first, progress=False,
+            stop=lambda: calls.append(1) or len(calls) >= 5)        # branches leave at steps 3 and 6: stop at 5
+    assert list(decay_points(first)) == [4]
+    second = ListSink()
+    resumed = fit(seeded_model(special, seed=5), train, val, special, cfg, 16, 1.0, tmp_path / "cut", second,
+                  progress=False)
+    assert list(decay_points(second)) == [8]
+    both = {**decay_points(first), **decay_points(second)}
+    assert {s: m[names.DECAY_VAL_LOSS] for s, m in both.items()} == pytest.approx(
+        {s: m[names.DECAY_VAL_LOSS] for s, m in decay_points(whole).items()}, abs=1e-6)
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
