@@ -46,6 +46,8 @@ EXTRA_PARAMS = list(names.RECORD_EXTRAS)
 _PARAM_TYPES = {k: v for k, v in get_type_hints(names.RunParams).items() if v in (int, float)}
 _CURVE_METRICS = {names.VAL_LOSS: "val_loss", names.TOKENS_SEEN: names.TOKENS_SEEN,
                   names.FLOPS_SEEN: names.FLOPS_SEEN}
+_DECAY_METRICS = {names.DECAY_VAL_LOSS: "val_loss", names.DECAY_TOKENS: names.TOKENS_SEEN,
+                  names.DECAY_FLOPS: names.FLOPS_SEEN}
 
 
 class RunsError(ValueError):
@@ -72,6 +74,25 @@ class Records:
     experiment_id: str | None = None
     tracking_uri: str | None = None
     duplicates: list[str] = field(default_factory=list)  # one line per run key seen twice
+    decays: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CURVE_COLUMNS))  # WSD decay points
+
+    def points(self) -> pd.DataFrame:
+        """Every converged point: each run's final record and its WSD decay points (a
+        decay point is its run at the branch's tokens and FLOPs; run_id RUN@STEP), with a
+        column `point` (final | decay). What L(N, D) and the frontier fit on."""
+        finals = self.records[RECORD_COLUMNS].assign(point="final")
+        if self.decays.empty:
+            return finals
+        runs = self.records.set_index("run_id")
+        decays = self.decays[self.decays["run_id"].isin(runs.index)]
+        decays = pd.DataFrame({
+            "run_id": decays["run_id"] + "@" + decays["step"].astype(int).astype(str),
+            "model": runs.loc[decays["run_id"], "model"].to_numpy(),
+            "n_params": runs.loc[decays["run_id"], "n_params"].to_numpy(),
+            "n_params_nonembed": runs.loc[decays["run_id"], "n_params_nonembed"].to_numpy(),
+            "tokens": decays[names.TOKENS_SEEN].to_numpy(float), "compute": decays[names.FLOPS_SEEN].to_numpy(float),
+            "loss": decays["val_loss"].to_numpy(float), "point": "decay"})
+        return pd.concat([finals, decays], ignore_index=True)
 
 
 def _number(params: Mapping[str, str], key: str, cast=float):
@@ -96,14 +117,18 @@ def _row(run_id: str, run_name: str, params: Mapping[str, str], final_loss, curv
     return {**asdict(record), "run_name": run_name, **{k: _param(params, k) for k in EXTRA_PARAMS}}
 
 
-def _bundle(entries: list[tuple[str, dict, pd.DataFrame]], failed, unfinished, experiment, exp_id,
+def _bundle(entries: list[tuple[str, dict, pd.DataFrame, pd.DataFrame]], failed, unfinished, experiment, exp_id,
             uri) -> Records:
-    """Records from ``(source, row, curve)`` entries, one per run key (see _dedupe)."""
-    rows, curves, notes = _dedupe(entries)
+    """Records from ``(source, row, curve, decay points)`` entries, one per run key (see _dedupe)."""
+    rows, curves, decays, notes = _dedupe(entries)
     records = pd.DataFrame(rows, columns=RECORD_COLUMNS + ["run_name"] + EXTRA_PARAMS)
     records = records.sort_values(["n_params", "compute"], kind="stable").reset_index(drop=True)
-    curve_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=CURVE_COLUMNS)
-    return Records(records, curve_df, failed, unfinished, experiment, exp_id, uri, notes)
+
+    def frame(parts):
+        parts = [p for p in parts if len(p)]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CURVE_COLUMNS)
+
+    return Records(records, frame(curves), failed, unfinished, experiment, exp_id, uri, notes, frame(decays))
 
 
 # ---------------------------------------------------------------- tracking URI
@@ -190,32 +215,33 @@ def _check_sqlite(uri: str) -> None:
 
 # ---------------------------------------------------------------- duplicate run keys
 
-def _dedupe(entries: list[tuple[str, dict, pd.DataFrame]]) -> tuple[list[dict], list[pd.DataFrame], list[str]]:
-    """Records ``(source, row, curve)`` -> rows, curves, notes: one record per run key.
+def _dedupe(entries: list[tuple]) -> tuple[list[dict], list[pd.DataFrame], list[pd.DataFrame], list[str]]:
+    """Records ``(source, row, curve, decays)`` -> rows, curves, decays, notes: one record per run key.
     Copies that agree on the result are kept once (the one whose source is named after
     the key, else the first), with a note; copies that disagree raise RunsError."""
     by_key: dict[str, list] = {}
     for entry in entries:
         key = entry[1].get(names.RUN_KEY)
         by_key.setdefault(key if key else id(entry), []).append(entry)
-    rows, curves, notes = [], [], []
+    rows, curves, decays, notes = [], [], [], []
     for key, group in by_key.items():
         if len(group) > 1:
             group, note = _one_of(str(key), group)
             notes.append(note)
         rows.append(group[0][1])
         curves.append(group[0][2])
-    return rows, curves, notes
+        decays.append(group[0][3])
+    return rows, curves, decays, notes
 
 
 _SAME = ("loss", "n_params", "tokens", "compute")
 
 
 def _one_of(key: str, group: list) -> tuple[list, str]:
-    sources = [src for src, _, _ in group]
-    results = {tuple(row.get(k) for k in _SAME) for _, row, _ in group}
+    sources = [src for src, *_ in group]
+    results = {tuple(row.get(k) for k in _SAME) for _, row, *_ in group}
     if len(results) > 1:
-        losses = ", ".join(f"{src}: loss {row['loss']:.6g}" for src, row, _ in group)
+        losses = ", ".join(f"{src}: loss {row['loss']:.6g}" for src, row, *_ in group)
         raise RunsError(f"run key {key!r} has {len(group)} finished runs with different results ({losses}); "
                         "one run key is one result: remove or move the copies that are wrong and report again")
     named = [e for e in group if Path(e[0]).name == key]
@@ -249,16 +275,18 @@ def _job_runs(client, experiment_id: str) -> list:
             return runs
 
 
-def _curve(client, run_id: str) -> pd.DataFrame:
+def _curves(client, run_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A run's validation curve and its WSD decay points (both CURVE_COLUMNS)."""
     history = {metric: {m.step: m.value for m in client.get_metric_history(run_id, metric)}
-               for metric in _CURVE_METRICS}
-    return _curve_frame(run_id, history)
+               for metric in (*_CURVE_METRICS, *_DECAY_METRICS)}
+    return _curve_frame(run_id, history), _curve_frame(run_id, history, _DECAY_METRICS)
 
 
-def _curve_frame(run_id: str, metrics: Mapping[str, Mapping[int, float]]) -> pd.DataFrame:
+def _curve_frame(run_id: str, metrics: Mapping[str, Mapping[int, float]],
+                 columns: Mapping[str, str] = _CURVE_METRICS) -> pd.DataFrame:
     """A validation curve (CURVE_COLUMNS) from {metric: {step: value}}: one row per step
-    that has a validation loss."""
-    cols = {col: pd.Series(metrics.get(metric, {}), dtype=float) for metric, col in _CURVE_METRICS.items()}
+    that has a validation loss (columns: the metrics of the curve, or of the decay points)."""
+    cols = {col: pd.Series(metrics.get(metric, {}), dtype=float) for metric, col in columns.items()}
     df = pd.DataFrame(cols).rename_axis("step").reset_index()
     df = df.dropna(subset=["val_loss"]).sort_values("step")
     df.insert(0, "run_id", run_id)
@@ -304,12 +332,12 @@ def _read_runs(client, experiment_id: str) -> tuple[list, list[FailedRun], list[
         if status != "FINISHED":
             unfinished.append(name)
             continue
-        curve = _curve(client, rid)
+        curve, decays = _curves(client, rid)
         row = _row(rid, name, run.data.params, run.data.metrics.get(names.VAL_LOSS_FINAL), curve)
         if row is None:
             failed.append(FailedRun(name, rid, f"finished without a {names.VAL_LOSS} metric", status))
             continue
-        entries.append((f"MLflow run {rid}", row, curve))
+        entries.append((f"MLflow run {rid}", row, curve, decays))
     return entries, failed, unfinished
 
 
@@ -326,13 +354,14 @@ def _run_experiment(run_dir: Path) -> str | None:
     return cfg.get("experiment_name") if isinstance(cfg, dict) else None
 
 
-def jsonl_record(run, run_id: str) -> tuple[dict | None, pd.DataFrame]:
+def jsonl_record(run, run_id: str) -> tuple[dict | None, pd.DataFrame, pd.DataFrame]:
     """One run's metrics.jsonl, read by polar.sinks.read_jsonl, as a record row (None when
-    the run logged no validation loss) and its curve (CURVE_COLUMNS)."""
+    the run logged no validation loss), its curve and its WSD decay points (CURVE_COLUMNS)."""
     curve = _curve_frame(run_id, run.metrics)
     final = run.metrics.get(names.VAL_LOSS_FINAL, {})
     name = run.tags.get(names.RUN_NAME_TAG) or run_id
-    return _row(run_id, name, run.params, final[max(final)] if final else None, curve), curve
+    row = _row(run_id, name, run.params, final[max(final)] if final else None, curve)
+    return row, curve, _curve_frame(run_id, run.metrics, _DECAY_METRICS)
 
 
 def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = None) -> Records:
@@ -353,14 +382,14 @@ def load_jsonl_records(runs_dir: str | os.PathLike, experiment: str | None = Non
         if experiment is not None and _run_experiment(path.parent) != experiment:
             continue
         run = read_jsonl(path)
-        row, curve = jsonl_record(run, run.params.get(names.RUN_KEY) or path.parent.name)
+        row, curve, decays = jsonl_record(run, run.params.get(names.RUN_KEY) or path.parent.name)
         name = run.tags.get(names.RUN_NAME_TAG) or path.parent.name
         if run.status in ("FAILED", "KILLED"):
             failed.append(FailedRun(name, path.parent.name, run.tags.get(names.ERROR_TAG, ""), run.status))
         elif row is None or run.status != "FINISHED":
             unfinished.append(name)
         else:
-            entries.append((str(path.parent), row, curve))
+            entries.append((str(path.parent), row, curve, decays))
     return _bundle(entries, failed, unfinished, experiment or str(root), None, None)
 
 

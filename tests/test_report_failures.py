@@ -156,13 +156,13 @@ def test_dedupe_keeps_the_first_mlflow_run_when_they_agree():
 
     row = {"run_key": "k", "loss": 0.5, "n_params": 1e6, "tokens": 1e7, "compute": 6e13}
     curve = pd.DataFrame()
-    rows, _, notes = _dedupe([("MLflow run a", row, curve), ("MLflow run b", dict(row), curve),
-                              ("MLflow run c", {**row, "run_key": None}, curve)])
+    rows, _, _, notes = _dedupe([("MLflow run a", row, curve, curve), ("MLflow run b", dict(row), curve, curve),
+                                 ("MLflow run c", {**row, "run_key": None}, curve, curve)])
     assert len(rows) == 2 and notes == ["run key 'k' appears in 2 finished runs (MLflow run a, MLflow run b) "
                                         "with the same result; kept MLflow run a (the first found; all agree "
                                         "on the result)"]
     with pytest.raises(RunsError, match="MLflow run a: loss 0.5, MLflow run b: loss 0.6"):
-        _dedupe([("MLflow run a", row, curve), ("MLflow run b", {**row, "loss": 0.6}, curve)])
+        _dedupe([("MLflow run a", row, curve, curve), ("MLflow run b", {**row, "loss": 0.6}, curve, curve)])
 
 
 @pytest.mark.parametrize("error", [RuntimeError("plot broke"), OSError(28, "No space left on device")])

@@ -22,11 +22,14 @@ def test_jsonl_round_trip_into_the_analysis_shapes(tmp_path):
     sink.log_params({"model": "1m", "n_params": 1000, "n_params_nonembed": 800, "tokens": 5e5,
                      "compute": 3e9, "run_key": "abc"})
     sink.log_many([({"train/loss": 0.7}, 1), ({"val/loss": 0.69, "tokens_seen": 100, "flops_seen": 6e5}, 1)])
+    sink.log_many([({"decay/val_loss": 0.55, "decay/tokens_seen": 150, "decay/flops_seen": 9e5}, 2)])
     sink.log_many([({"val/loss": 0.5, "tokens_seen": 200, "flops_seen": 1.2e6}, 2)])
     sink.log_many([({"val/loss_final": 0.5}, 2)])
     sink.finish("FINISHED")
     run = read_jsonl(path)
-    record, curve = jsonl_record(run, run.params["run_key"])
+    record, curve, decays = jsonl_record(run, run.params["run_key"])
+    assert list(decays[["step", "tokens_seen", "flops_seen", "val_loss"]].itertuples(index=False, name=None)) == \
+        [(2, 150, 9e5, 0.55)]
     assert run.status == "FINISHED"
     assert record["run_id"] == "abc" and record["loss"] == 0.5 and record["model"] == "1m"
     assert record["n_params"] == 1000.0 and record["compute"] == 3e9
