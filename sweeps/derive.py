@@ -61,6 +61,13 @@ def sequence_lengths(data: DataConfig) -> tuple[float, float]:
     return seq, 2 * seq
 
 
+def decay_branch_share(train: TrainSettings) -> float:
+    """The training a run's WSD decay branches add, as a share of the run's own: each
+    branch ending at a fraction p of the run trains decay_fraction x p of its steps. The
+    run's tokens and FLOPs (the scaling axes) are its main line's; this is extra cost."""
+    return train.decay_fraction * sum(train.decay_at)
+
+
 def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens: float | None,
              flops: float | None, recipe: Optional[Recipe] = None,
              resources: ResourcesConfig = ResourcesConfig(),
@@ -82,10 +89,11 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens:
     tokens = tokens if tokens is not None else flops / fpt
     n = counts.n_params
     batch, lr = recipe.batch_and_lr(n, counts.hidden_size, tokens)
+    work = tokens * fpt * (1 + decay_branch_share(train))     # time and GPU-hours: the decay branches too
     if train.device == "cpu":
-        gpus, nodes, mem, minutes, gpu_hours = 0, 1, round(cpu_state_gb(n), 1), cpu_minutes(tokens * fpt, resources), 0.0
+        gpus, nodes, mem, minutes, gpu_hours = 0, 1, round(cpu_state_gb(n), 1), cpu_minutes(work, resources), 0.0
     else:
-        gpus, nodes, mem, minutes, gpu_hours = _resources(n, tokens * fpt, resources)
+        gpus, nodes, mem, minutes, gpu_hours = _resources(n, work, resources)
     batch = _split_batch(batch, recipe, model, max(1, gpus), train.micro_batch_size)
     steps = math.floor(tokens / (per_triplet * batch))
     if steps < 1:

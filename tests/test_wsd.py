@@ -86,3 +86,17 @@ def test_a_preempted_run_does_not_repeat_a_finished_branch(tiny_data, tmp_path):
     assert {s: m[names.DECAY_VAL_LOSS] for s, m in both.items()} == pytest.approx(
         {s: m[names.DECAY_VAL_LOSS] for s, m in decay_points(whole).items()}, abs=1e-6)
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+
+
+def test_the_plan_counts_the_branches_in_its_time_but_not_in_its_axes():
+    from polar.config import DataConfig, TrainSettings
+    from sweeps.derive import decay_branch_share, plan_run
+    from tests.fixtures import DEBUG_MODEL
+
+    branched = TrainSettings(schedule="wsd", decay_fraction=0.1, decay_at=[0.25, 0.5, 0.75], device="cpu")
+    assert decay_branch_share(branched) == pytest.approx(0.15)
+    data = DataConfig(n_train=10**6)
+    plain = plan_run(DEBUG_MODEL, data, TrainSettings(schedule="wsd", device="cpu"), tokens=1e9, flops=None)
+    wsd_plan = plan_run(DEBUG_MODEL, data, branched, tokens=1e9, flops=None)
+    assert (wsd_plan.tokens, wsd_plan.compute, wsd_plan.steps) == (plain.tokens, plain.compute, plain.steps)
+    assert wsd_plan.time_limit_min > plain.time_limit_min
