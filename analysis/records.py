@@ -78,7 +78,8 @@ class Records:
 
     def points(self) -> pd.DataFrame:
         """Every converged point: each run's final record and its WSD decay points (a
-        decay point is its run at the branch's tokens and FLOPs; run_id RUN@STEP), with a
+        decay point is its run at the branch's tokens and FLOPs; run_id RUN@STEP, the
+        step where the branch left the run), with a
         column `point` (final | decay). What L(N, D) and the frontier fit on."""
         finals = self.records[RECORD_COLUMNS].assign(point="final")
         if self.decays.empty:

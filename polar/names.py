@@ -30,7 +30,8 @@ THROUGHPUT = "throughput/tokens_per_s"
 MFU = "mfu"
 VAL_LOSS_FINAL = "val/loss_final"
 VAL_ACC_FINAL = "val/acc_final"
-# a WSD decay branch's end (train.decay_at), logged at the branch's last step: its own point
+# a WSD decay branch's end (train.decay_at): its own point, with its own tokens and FLOPs,
+# logged at the step where the branch left the run
 DECAY_VAL_LOSS = "decay/val_loss"
 DECAY_VAL_ACC = "decay/val_acc"
 DECAY_TOKENS = "decay/tokens_seen"

@@ -331,8 +331,9 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 def decay_branch(model, optimizer, data: "StepBatches", start: int, end: int, tokens_seen: int, val, cfg: TrainConfig,
                  flops_per_token: float, env: DistEnv) -> tuple[dict, int]:
     """Train steps start..end on the run's own batches with the learning rate of a WSD
-    run of `end` steps (its decay), evaluate, and return the point (DECAY_* metrics, end).
-    The caller restores the state the branch left from."""
+    run of `end` steps (its decay), evaluate, and return the point: its DECAY_* metrics at
+    step `start`, where it left the run (so a run's logged steps never fall; the point's
+    tokens and FLOPs are its own). The caller restores the state the branch left from."""
     device = next(model.parameters()).device
     for step in range(start, end):
         _set_lr(optimizer, lr_at(step, end, cfg))
@@ -342,7 +343,7 @@ def decay_branch(model, optimizer, data: "StepBatches", start: int, end: int, to
     loss, acc = evaluate(model, val, data.special, device, batch_size=cfg.micro_batch_size or 64,
                          packing=cfg.packing, env=env, cfg=cfg)
     return {names.DECAY_VAL_LOSS: loss, names.DECAY_VAL_ACC: acc, names.DECAY_TOKENS: tokens_seen,
-            names.DECAY_FLOPS: tokens_seen * flops_per_token}, end
+            names.DECAY_FLOPS: tokens_seen * flops_per_token}, start
 
 
 def _optimizer(model, cfg: TrainConfig):

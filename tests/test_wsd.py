@@ -61,7 +61,7 @@ def test_a_branch_ends_at_the_point_of_a_shorter_run_and_the_main_run_is_unchang
     short = fit(seeded_model(special), train, val, special, wsd(), 8, 2.0, tmp_path / "short", NullSink(),
                 progress=False)
     (point,) = decay_points(sink).items()
-    assert point[0] == 8
+    assert point[0] == 6                                        # logged where it left: 8 - 25% of 8
     assert point[1][names.DECAY_VAL_LOSS] == pytest.approx(short.val_loss, abs=1e-6)
     assert point[1][names.DECAY_TOKENS] == short.tokens_seen
     assert point[1][names.DECAY_FLOPS] == 2.0 * short.tokens_seen
@@ -77,11 +77,11 @@ def test_a_preempted_run_does_not_repeat_a_finished_branch(tiny_data, tmp_path):
     with pytest.raises(Preempted):
         fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "cut", first, progress=False,
             stop=lambda: calls.append(1) or len(calls) >= 5)        # branches leave at steps 3 and 6: stop at 5
-    assert list(decay_points(first)) == [4]
+    assert list(decay_points(first)) == [3]
     second = ListSink()
     resumed = fit(seeded_model(special, seed=5), train, val, special, cfg, 16, 1.0, tmp_path / "cut", second,
                   progress=False)
-    assert list(decay_points(second)) == [8]
+    assert list(decay_points(second)) == [6]
     both = {**decay_points(first), **decay_points(second)}
     assert {s: m[names.DECAY_VAL_LOSS] for s, m in both.items()} == pytest.approx(
         {s: m[names.DECAY_VAL_LOSS] for s, m in decay_points(whole).items()}, abs=1e-6)
@@ -100,3 +100,39 @@ def test_the_plan_counts_the_branches_in_its_time_but_not_in_its_axes():
     wsd_plan = plan_run(DEBUG_MODEL, data, branched, tokens=1e9, flops=None)
     assert (wsd_plan.tokens, wsd_plan.compute, wsd_plan.steps) == (plain.tokens, plain.compute, plain.steps)
     assert wsd_plan.time_limit_min > plain.time_limit_min
+
+
+@pytest.fixture(scope="module")
+def wsd_sweep(tmp_path_factory):
+    """Three sizes, one WSD run each with three decay branches, into a real sqlite MLflow store."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.fixtures import ROOT, TINY_SWEEP
+
+    tmp = tmp_path_factory.mktemp("wsd")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+    out = subprocess.run([sys.executable, "-m", "sweeps.run", "-m", "model=10k,50k,200k", *TINY_SWEEP,
+                          "budget.tokens=4e4", "train.n_evals=3", "train.schedule=wsd", "train.decay_at=[0.25,0.5,0.75]",
+                          "experiment_name=wsd_e2e", f"paths.cache_dir={tmp}/cache", f"paths.runs_dir={tmp}/runs",
+                          f"hydra.sweep.dir={tmp}/multirun"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp
+
+
+def test_decay_points_reach_mlflow_and_the_records(wsd_sweep):
+    from analysis.records import load_jsonl_records, load_records
+
+    rec = load_records("wsd_e2e", f"sqlite:///{wsd_sweep}/mlflow.db")
+    points = rec.points()
+    assert len(rec.records) == 3 and len(rec.decays) == 9
+    assert sorted(points["point"].value_counts().items()) == [("decay", 9), ("final", 3)]
+    for _, run in rec.records.iterrows():
+        mine = points[points["run_id"].str.startswith(run["run_id"])].sort_values("tokens")
+        assert mine["tokens"].iloc[:3].tolist() == pytest.approx([f * mine["tokens"].iloc[3] for f in (.25, .5, .75)],
+                                                                rel=0.1)
+        assert (mine["n_params"] == run["n_params"]).all()
+    from_files = load_jsonl_records(wsd_sweep / "runs", "wsd_e2e").points()
+    assert sorted(from_files["loss"]) == pytest.approx(sorted(points["loss"]))
