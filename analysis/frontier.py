@@ -180,7 +180,7 @@ def fit_n_opt(minima: pd.DataFrame, level: float = 0.95) -> dict | None:
     dof = len(ok) - 2
     out = {"k": float(np.exp(b0)), "a": a, "a_ci": None, "se_a": None, "dof": dof, "n_budgets": int(len(ok)),
            "compute": ok["compute"].tolist(), "n_opt": ok["n_opt"].tolist(), "level": level,
-           "r2_log": None, "interval": "none: 2 budgets leave no degree of freedom"}
+           "r2_log": None, "interval": "2 budgets leave no degree of freedom for a t interval"}
     if dof > 0:
         se = s / np.sqrt(sxx)
         t = float(stats.t.ppf(0.5 + level / 2, dof))

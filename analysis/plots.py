@@ -115,8 +115,8 @@ def plot_loss_vs_compute(curves: pd.DataFrame, records: pd.DataFrame, frontier: 
 def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, n_opt_fit: dict | None = None,
                   frontier_sizes: pd.DataFrame | None = None, rtol: float = 0.05, title: str | None = None) -> str:
     """Left: loss against N per compute budget (one colour each), its fitted parabola
-    in ln N and its minimum (a star; a budget not used is drawn dashed, its vertex an
-    open marker, 'not used' in the legend). Right: the usable minima N_opt against C,
+    in ln N and its minimum (a star; a budget not used is drawn dashed, without its
+    vertex, and the legend says why). Right: the usable minima N_opt against C,
     the fitted N_opt = k C^a (``n_opt_fit``, frontier.fit_n_opt's dict) and, where
     given, Approach 1's points (``frontier_sizes``: compute, n_params)."""
     from matplotlib.figure import Figure
@@ -132,15 +132,17 @@ def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, n_opt_fi
         color = f"C{i % 10}"
         g = next((g for c, g in budgets.items() if abs(c / m["compute"] - 1) <= rtol), None)
         ok = bool(m["ok"])
-        tag = f"C = {m['compute']:.2g} FLOPs" + ("" if ok else " (not used)")
+        why = "" if ok else (" (not used: opens downwards)" if "downwards" in str(m.get("reason", ""))
+                             else " (not used: minimum outside sizes)")
+        tag = f"C = {m['compute']:.2g} FLOPs{why}"
         if g is not None:
             ax.scatter(g["n_params"], g["loss"], s=22, color=color, zorder=3, label=tag)
         if {"p0", "p1", "p2"} <= set(m) and np.isfinite(m["p2"]):
             u = np.linspace(np.log(m["n_min"]) - 0.25, np.log(m["n_max"]) + 0.25, 100)
             ax.plot(np.exp(u), m["p0"] + m["p1"] * u + m["p2"] * u ** 2, color=color, lw=1.3, ls="-" if ok else "--")
-        if np.isfinite(m["n_opt"]):
-            ax.scatter([m["n_opt"]], [m["loss_opt"]], marker="*" if ok else "o", s=150 if ok else 60, zorder=5,
-                       facecolor=color if ok else "none", edgecolor="k", linewidths=0.8)
+        if ok:   # an unusable vertex is in the table, not drawn (it may lie far outside the sizes)
+            ax.scatter([m["n_opt"]], [m["loss_opt"]], marker="*", s=150, zorder=5, color=color, edgecolor="k",
+                       linewidths=0.8)
     ax.scatter([], [], marker="*", s=150, color="0.5", edgecolor="k", label="parabola minimum (used)")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N (count)")
@@ -167,6 +169,7 @@ def _plot_n_opt(ax, minima: pd.DataFrame, fit: dict | None, frontier_sizes: pd.D
         ax.plot(c, fit["k"] * c ** fit["a"], color="C3", lw=1.6, label=f"N_opt = {fit['k']:.3g} C^{fit['a']:.3f}{extra}")
         fr = fit.get("frontier")
         if fr:
+            c = np.geomspace(*fr.get("compute_range", (c[0], c[-1])), 50)
             ax.plot(c, fr["k"] * c ** fr["a"], color="0.5", lw=1.2, ls="--", label=f"Approach 1: N ∝ C^{fr['a']:.3f}")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -182,16 +182,16 @@ def _size_prediction(out, k, seed):
 def _isoflop_fit(out, k, seed):
     """Approach 2's N_opt = k C^a (t interval, and the bootstrap over the runs' loss
     noise when k >= 2), with Approach 1's exponent from the frontier's sizes beside it."""
+    sizes = out["frontier_sizes"] = frontier_sizes(out["frontier"], out["isoflop_records"])
     fit = fit_n_opt(out["isoflop"])
     if fit is None:
         return None
     fit["bootstrap"] = bootstrap_n_opt(out["isoflop_records"], k=k, seed=seed) if k >= 2 else None
-    sizes = frontier_sizes(out["frontier"], out["isoflop_records"])
     if sizes["n_params"].nunique() >= 2:
         f1 = fit_n_opt(sizes.rename(columns={"n_params": "n_opt"}).assign(ok=True))
         fit["frontier"] = {"k": f1["k"], "a": f1["a"], "n_points": int(len(sizes)),
+                           "compute_range": [float(sizes["compute"].min()), float(sizes["compute"].max())],
                            "sizes": sorted(float(n) for n in sizes["n_params"].unique())}
-    out["frontier_sizes"] = sizes
     return fit
 
 
