@@ -23,7 +23,8 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_loss_vs_params", "plot_loss_vs_compute", "plot_isoflops", "plot_residuals", "fit_label"]
+__all__ = ["plot_loss_vs_params", "plot_loss_vs_compute", "plot_isoflops", "plot_loss_vs_tokens", "plot_residuals",
+           "fit_label"]
 
 _DPI = 130
 
@@ -179,6 +180,35 @@ def _plot_n_opt(ax, minima: pd.DataFrame, fit: dict | None, frontier_sizes: pd.D
     ax.grid(True, which="both", alpha=0.25)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
+
+
+def plot_loss_vs_tokens(points: pd.DataFrame, result, path, *, title: str | None = None) -> str:
+    """The converged points (run ends filled, WSD decay points open) against tokens, one
+    colour per model size, with the fitted L(N, D) at each size."""
+    from matplotlib import cm, colors
+
+    fig, ax = _figure(7.2, 4.8)
+    norm = colors.LogNorm(vmin=points["n_params"].min(), vmax=max(points["n_params"].max(), points["n_params"].min() * 2))
+    for n, g in points.groupby("n_params"):
+        color = cm.viridis(norm(n))
+        decay = g["point"] == "decay" if "point" in g else pd.Series(False, index=g.index)
+        ax.scatter(g.loc[~decay, "tokens"], g.loc[~decay, "loss"], s=26, color=color, zorder=3)
+        ax.scatter(g.loc[decay, "tokens"], g.loc[decay, "loss"], s=26, facecolor="none", edgecolor=color, zorder=3)
+        d = _grid(g["tokens"], pad=1.2)
+        ax.plot(d, result.predict(n=np.full_like(d, n), d=d), color=color, lw=1.2)
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cm.viridis), ax=ax, label="parameters N")
+    p = result.params
+    ax.plot([], [], color="0.4", label=f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}")
+    ax.scatter([], [], s=26, color="0.4", label="run end")
+    ax.scatter([], [], s=26, facecolor="none", edgecolor="0.4", label="WSD decay point")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens D")
+    ax.set_ylabel("validation loss (nats / pair)")
+    ax.set_title(title or "Loss against tokens, L(N, D)")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def plot_residuals(series: Mapping[str, tuple], path) -> str:

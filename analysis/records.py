@@ -81,7 +81,7 @@ class Records:
         decay point is its run at the branch's tokens and FLOPs; run_id RUN@STEP, the
         step where the branch left the run), with a
         column `point` (final | decay). What L(N, D) and the frontier fit on."""
-        finals = self.records[RECORD_COLUMNS].assign(point="final")
+        finals = self.records.reindex(columns=RECORD_COLUMNS).assign(point="final")
         if self.decays.empty:
             return finals
         runs = self.records.set_index("run_id")
@@ -90,7 +90,7 @@ class Records:
             "run_id": decays["run_id"] + "@" + decays["step"].astype(int).astype(str),
             "model": runs.loc[decays["run_id"], "model"].to_numpy(),
             "n_params": runs.loc[decays["run_id"], "n_params"].to_numpy(),
-            "n_params_nonembed": runs.loc[decays["run_id"], "n_params_nonembed"].to_numpy(),
+            "n_params_nonembed": runs.reindex(columns=["n_params_nonembed"]).loc[decays["run_id"]].iloc[:, 0].to_numpy(),
             "tokens": decays[names.TOKENS_SEEN].to_numpy(float), "compute": decays[names.FLOPS_SEEN].to_numpy(float),
             "loss": decays["val_loss"].to_numpy(float), "point": "decay"})
         return pd.concat([finals, decays], ignore_index=True)

@@ -110,6 +110,12 @@ def frontier_points(records: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame
     return pts
 
 
+def converged_frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """With WSD decay points, the frontier is a fit on converged points (each run's end
+    and its decay points), not the envelope of curves that are still in their stable phase."""
+    return pareto_frontier(points.rename(columns={"compute": "flops_seen", "loss": "val_loss"}))
+
+
 def _fit_power(x, y, *, k: int, seed: int):
     res = F.fit("power", {"x": x}, y)
     return F.bootstrap(res, {"x": x}, y, k=k, seed=seed) if k >= 2 and len(y) > 2 else res
@@ -137,7 +143,9 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
                                      k=bootstrap_k, seed=seed)
     except F.FitError as exc:
         raise ReportError(f"experiment {rec.experiment!r}: the fit of L = a N^b failed: {exc}") from None
-    out["frontier"] = frontier_points(records, curves)
+    points = rec.points()          # finals and WSD decay points: the converged ones
+    out["points"] = points
+    out["frontier"] = frontier_points(records, curves) if rec.decays.empty else converged_frontier(points)
     out["isoflop"] = isoflop_minima(records.dropna(subset=["compute"]))
     out["isoflop_records"] = records.dropna(subset=["compute"])
     for name, part in (("size_holdout", _size_holdout), ("compute_fit", _compute_fit),
@@ -149,7 +157,7 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
             continue
         if value is not None:
             out[name] = value
-    chin = chinchilla_fit(records)
+    chin = chinchilla_fit(records if rec.decays.empty else points, k=bootstrap_k, seed=seed)
     if chin is not None:
         out["chinchilla"] = chin
     return out
@@ -195,9 +203,10 @@ def _isoflop_fit(out, k, seed):
     return fit
 
 
-def chinchilla_fit(records: pd.DataFrame) -> dict | None:
-    """Approach 3 where the grid can identify it (>= 10 runs, >= 3 sizes and token
-    counts, log N and log D not collinear): the fit, or the reason it was skipped."""
+def chinchilla_fit(records: pd.DataFrame, *, k: int = 0, seed: int = 0) -> dict | None:
+    """Approach 3 where the points can identify it (>= 10 points, >= 3 sizes and token
+    counts, log N and log D not collinear): the fit (with bootstrap intervals when
+    k >= 2), or the reason it was skipped. Points: runs, or runs and WSD decay points."""
     r = records.dropna(subset=["n_params", "tokens", "loss"])
     r = r[(r["n_params"] > 0) & (r["tokens"] > 0)]
     if len(r) < 10 or r["n_params"].nunique() < 3 or r["tokens"].nunique() < 3:
@@ -208,12 +217,18 @@ def chinchilla_fit(records: pd.DataFrame) -> dict | None:
                            "tokens per parameter is needed"}
     try:
         res = F.fit_records(r, "chinchilla")
+        if k >= 2:
+            res = F.bootstrap(res, *F.records_inputs(r, "chinchilla"), k=k, seed=seed)
     except F.FitError as exc:
         return {"skipped": str(exc)}
     c_max = float(r["compute"].max()) if "compute" in r and r["compute"].notna().any() else float(
         6 * (r["n_params"] * r["tokens"]).max())
-    n_opt, d_opt = chinchilla_optimal(c_max, **res.params)
-    return {"fit": res, "compute": c_max, "n_opt": float(n_opt), "d_opt": float(d_opt)}
+    decays = int((r["point"] == "decay").sum()) if "point" in r else 0
+    out = {"fit": res, "compute": c_max, "decay_points": decays, "n_opt": None, "d_opt": None}
+    alpha, beta = res.params["alpha"], res.params["beta"]
+    if alpha > 0 and beta > 0:      # else loss does not fall in both N and D: no optimal allocation
+        out["n_opt"], out["d_opt"] = map(float, chinchilla_optimal(c_max, **res.params))
+    return out
 
 
 def _no_runs_message(rec) -> str:
@@ -243,14 +258,19 @@ def fits_json(rec, an: dict) -> dict:
     if "compute_fit" in an:
         fits["loss_vs_compute"] = _fit_json(an["compute_fit"], "compute")
         fits["loss_vs_compute"]["frontier_points"] = int(len(an["frontier"]))
+        fits["loss_vs_compute"]["frontier_of"] = ("converged points (run ends, WSD decay points)"
+                                                  if (an["points"]["point"] == "decay").any() else "validation curves")
     if "size_prediction" in an:
         fits["loss_vs_params"]["prediction"] = an["size_prediction"]
     if "isoflop_fit" in an:
         fits["n_opt_vs_compute"] = _n_opt_json(an["isoflop_fit"])
     chin = an.get("chinchilla")
     if chin and "fit" in chin:
+        p, has_optimum = chin["fit"].params, chin["n_opt"] is not None
         fits["chinchilla"] = {**_fit_json(chin["fit"], "n_params,tokens"),
-                              "optimal": {k: chin[k] for k in ("compute", "n_opt", "d_opt")}}
+                              "optimal": {k: chin[k] for k in ("compute", "n_opt", "d_opt")},
+                              "n_opt_exponent": p["beta"] / (p["alpha"] + p["beta"]) if has_optimum else None,
+                              "decay_points": chin["decay_points"]}
     elif chin:
         fits["chinchilla"] = {"skipped": chin["skipped"]}
     return {
@@ -342,7 +362,8 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
         lines += [f"![loss vs N]({images['loss_vs_params']})", ""]
     if "loss_vs_compute" in fits:
         lines += _fit_section(
-            f"Loss against compute (frontier of the validation curves, {fits['loss_vs_compute']['frontier_points']} points)",
+            f"Loss against compute (frontier of the {fits['loss_vs_compute']['frontier_of']}, "
+            f"{fits['loss_vs_compute']['frontier_points']} points)",
             fits["loss_vs_compute"], "C")
     if "loss_vs_compute" in images:
         lines += [f"![loss vs C]({images['loss_vs_compute']})", ""]
@@ -354,11 +375,9 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     if ch and "skipped" in ch:
         lines += ["## Chinchilla law (Approach 3)", "", f"Not fitted: {ch['skipped']}", ""]
     elif ch:
-        p, o = ch["params"], ch["optimal"]
-        lines += ["## Chinchilla law (Approach 3)", "",
-                  f"L = {p['E']:.4g} + {p['A']:.4g} / N^{p['alpha']:.4f} + {p['B']:.4g} / D^{p['beta']:.4f} "
-                  f"(R² = {ch['r2']:.4f}, n = {ch['n']}); at C = {o['compute']:.3g} FLOPs the optimum is "
-                  f"N = {o['n_opt']:.3g}, D = {o['d_opt']:.3g} tokens.", ""]
+        lines += _chinchilla_section(ch)
+        if "loss_vs_tokens" in images:
+            lines += [f"![loss vs D]({images['loss_vs_tokens']})", ""]
     if "residuals" in images:
         lines += [f"![residuals]({images['residuals']})", ""]
     lines += ["## Runs", "", "| model | N | N (non-embedding) | tokens | compute (FLOPs) | final val loss | run id |",
@@ -367,6 +386,26 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
               f"{_fmt(r['compute'])} | {_fmt(r['loss'])} | `{r['run_id']}` |" for r in fj["runs"]]
     lines.append("")
     return "\n".join(lines + _closing_sections(rec, fj))
+
+
+def _chinchilla_section(ch: dict) -> list[str]:
+    """report.md's L(N, D): the law, its exponents' intervals, the optimum it implies."""
+    p, o, ci = ch["params"], ch["optimal"], ch.get("ci") or {}
+
+    def interval(name):
+        return f" [{ci[name][0]:.4f}, {ci[name][1]:.4f}]" if name in ci else ""
+
+    points = (f"{ch['n']} converged points: each run's end and {ch['decay_points']} WSD decay points"
+              if ch.get("decay_points") else f"{ch['n']} runs")
+    optimum = (f"- compute-optimal size N_opt ∝ C^{ch['n_opt_exponent']:.3f} (beta / (alpha + beta)); at "
+               f"C = {o['compute']:.3g} FLOPs: N = {o['n_opt']:.3g}, D = {o['d_opt']:.3g} tokens"
+               if o["n_opt"] is not None else
+               "- no compute-optimal allocation: the loss does not fall in both N and D (alpha or beta <= 0)")
+    return ["## Chinchilla law (Approach 3): L(N, D)", "",
+            f"L = {p['E']:.4g} + {p['A']:.4g} / N^{p['alpha']:.4f} + {p['B']:.4g} / D^{p['beta']:.4f} "
+            f"(R² = {ch['r2']:.4f}, on {points}).", "",
+            f"- alpha = {p['alpha']:.4f}{interval('alpha')}, beta = {p['beta']:.4f}{interval('beta')}"
+            f"{' (95% bootstrap intervals)' if ci else ''}", optimum, ""]
 
 
 def _isoflop_section(fj: dict) -> list[str]:
@@ -422,7 +461,8 @@ def _closing_sections(rec, fj: dict) -> list[str]:
 
 
 # the files a report writes (the PNGs it did not write this time are removed)
-REPORT_FILES = ("report.md", "fits.json", "loss_vs_params.png", "loss_vs_compute.png", "isoflop.png", "residuals.png")
+REPORT_FILES = ("report.md", "fits.json", "loss_vs_params.png", "loss_vs_compute.png", "isoflop.png",
+                "loss_vs_tokens.png", "residuals.png")
 
 
 def write_report(rec, an: dict, out_dir: Path) -> list[Path]:
@@ -464,6 +504,11 @@ def _write_files(rec, an: dict, out_dir: Path) -> list[Path]:
         plots.plot_isoflops(an["isoflop_records"], an["isoflop"], out_dir / images["isoflop"],
                             n_opt_fit=an.get("isoflop_fit"), frontier_sizes=an.get("frontier_sizes"),
                             title=f"{rec.experiment}: IsoFLOP")
+    chin = an.get("chinchilla", {})
+    if "fit" in chin:
+        images["loss_vs_tokens"] = "loss_vs_tokens.png"
+        plots.plot_loss_vs_tokens(an["points"], chin["fit"], out_dir / images["loss_vs_tokens"],
+                                  title=f"{rec.experiment}: L(N, D)")
     series = {"L(N)": (an["sizes"]["n_params"], sf, "parameters N")}
     if "compute_fit" in an:
         series["L(C) frontier"] = (an["frontier"]["compute"], an["compute_fit"], "training compute C (FLOPs)")

@@ -136,3 +136,70 @@ def test_decay_points_reach_mlflow_and_the_records(wsd_sweep):
         assert (mine["n_params"] == run["n_params"]).all()
     from_files = load_jsonl_records(wsd_sweep / "runs", "wsd_e2e").points()
     assert sorted(from_files["loss"]) == pytest.approx(sorted(points["loss"]))
+
+
+def test_the_report_fits_l_of_n_and_d_and_the_frontier_on_converged_points(wsd_sweep, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.fixtures import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "analysis.report", "--experiment", "wsd_e2e", "--tracking-uri",
+                          f"sqlite:///{wsd_sweep}/mlflow.db", "--out", str(tmp_path / "report"), "--bootstrap", "50",
+                          "--no-mlflow-log"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fits = json.loads((tmp_path / "report" / "fits.json").read_text())["fits"]
+    chin = fits["chinchilla"]
+    assert chin["n"] == 12 and chin["decay_points"] == 9, chin
+    assert set(chin["ci"]) >= {"alpha", "beta"} and chin["ci"]["alpha"][0] <= chin["params"]["alpha"] <= chin["ci"]["alpha"][1]
+    assert fits["loss_vs_compute"]["frontier_of"].startswith("converged points")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "12 converged points: each run's end and 9 WSD decay points" in report
+    assert (tmp_path / "report" / "loss_vs_tokens.png").stat().st_size > 10_000
+
+
+def wsd_records(truth: dict, noise: float = 0.002):
+    """Records of one WSD run per size (its end at 8e9 tokens) with decay points at 1/8 ...
+    7/8 of it, losses from a known L(N, D); curves in the stable phase sit above the law."""
+    import numpy as np
+    import pandas as pd
+
+    from analysis.laws import chinchilla
+    from analysis.records import CURVE_COLUMNS, Records
+
+    rng = np.random.default_rng(1)
+    rows, curves, decays = [], [], []
+    for i, n in enumerate(np.geomspace(1e7, 1e9, 5)):
+        rid, d_end = f"run{i}", 8e9
+
+        def loss(d):
+            return chinchilla(n, d, **truth) * np.exp(rng.normal(0, noise, np.shape(d)))
+
+        rows.append({"run_id": rid, "model": f"m{i}", "n_params": n, "n_params_nonembed": n, "tokens": d_end,
+                     "compute": 6 * n * d_end, "loss": float(loss(d_end))})
+        d = np.arange(1, 8) / 8 * d_end
+        decays.append(pd.DataFrame({"run_id": rid, "step": np.arange(1, 8) * 100, "tokens_seen": d,
+                                    "flops_seen": 6 * n * d, "val_loss": loss(d)}))
+        curves.append(pd.DataFrame({"run_id": rid, "step": np.arange(1, 9) * 100, "tokens_seen": d_end * np.arange(1, 9) / 8,
+                                    "flops_seen": 6 * n * d_end * np.arange(1, 9) / 8,
+                                    "val_loss": 1.1 * chinchilla(n, d_end * np.arange(1, 9) / 8, **truth)}))
+    return Records(pd.DataFrame(rows), pd.concat(curves, ignore_index=True)[CURVE_COLUMNS], experiment="wsd",
+                   decays=pd.concat(decays, ignore_index=True)[CURVE_COLUMNS])
+
+
+def test_analysis_recovers_l_of_n_and_d_from_decay_points(tmp_path):
+    from analysis.report import analyse, write_report
+
+    truth = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+    rec = wsd_records(truth)
+    an = analyse(rec, bootstrap_k=50)
+    fit = an["chinchilla"]["fit"]
+    assert an["chinchilla"]["decay_points"] == 35 and fit.n == 40
+    for name in ("alpha", "beta"):
+        assert fit.ci[name][0] <= truth[name] <= fit.ci[name][1], (name, fit.ci[name])
+    frontier = an["frontier"]          # on converged points, not on the stable phase's curves (10% above)
+    assert (frontier["run_id"].str.contains("@") | frontier["run_id"].isin(rec.records["run_id"])).all()
+    files = {f.name for f in write_report(rec, an, tmp_path)}
+    assert "loss_vs_tokens.png" in files
+    assert "40 converged points: each run's end and 35 WSD decay points" in (tmp_path / "report.md").read_text()
