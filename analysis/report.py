@@ -58,25 +58,32 @@ class ReportError(ValueError):
 REPLICA_KEYS = ["model", "n_params", "tokens", "compute", "lr", "batch_size", "data_id"]
 
 
-def average_seeds(records: pd.DataFrame, curves: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+SEED_STATISTICS = ("mean", "median")
+
+
+def average_seeds(records: pd.DataFrame, curves: pd.DataFrame,
+                  statistic: str = "mean") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Replicas (runs whose configuration differs only in the seed) averaged into one
-    record each: the mean final loss, with ``loss_std`` (0 for one run) and ``n_seeds``;
-    and one curve each, the mean over replicas at the steps they all logged. The first
+    record each: the mean (or median: one seed that missed a jump in the loss does not
+    move it) final loss, with ``loss_std`` (0 for one run) and ``n_seeds``; and one curve
+    each, the same statistic over replicas at the steps they all logged. The first
     replica's run_id names the average. Runs without replicas pass through unchanged."""
+    if statistic not in SEED_STATISTICS:
+        raise ReportError(f"--seeds must be one of {list(SEED_STATISTICS)}, got {statistic!r}")
     keys = [k for k in REPLICA_KEYS if k in records.columns]
     groups = records.groupby(keys, dropna=False, sort=False).groups if len(records) else {}
     rows, means = [], []
     for index in groups.values():
         group = records.loc[index]
         row = group.iloc[0].copy()
-        row["loss"] = group["loss"].mean()
+        row["loss"] = getattr(group["loss"], statistic)()
         row["loss_std"] = group["loss"].std(ddof=1) if len(group) > 1 else 0.0
         row["n_seeds"] = len(group)
         rows.append(row)
         members = curves[curves["run_id"].isin(group["run_id"])]
         if len(members):
             by_step = members.groupby("step")
-            mean = by_step[CURVE_COLUMNS[2:]].mean()[by_step.size() == len(group)]
+            mean = getattr(by_step[CURVE_COLUMNS[2:]], statistic)()[by_step.size() == len(group)]
             means.append(mean.reset_index().assign(run_id=row["run_id"])[curves.columns])
     averaged = pd.DataFrame(rows).reset_index(drop=True) if rows else records.assign(loss_std=[], n_seeds=[])
     mean_curves = pd.concat(means, ignore_index=True) if means else curves.iloc[0:0]
@@ -121,7 +128,7 @@ def _fit_power(x, y, *, k: int, seed: int):
     return F.bootstrap(res, {"x": x}, y, k=k, seed=seed) if k >= 2 and len(y) > 2 else res
 
 
-def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
+def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0, seeds: str = "mean") -> dict:
     """Fits of an experiment's records; raises ReportError when there are too few.
 
     The fit in N is required; the other parts are added when the data allow them, and
@@ -130,7 +137,7 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0) -> dict:
     records = rec.records.dropna(subset=["n_params", "loss"])
     if records.empty:
         raise ReportError(_no_runs_message(rec))
-    records, curves = average_seeds(records, rec.curves)
+    records, curves = average_seeds(records, rec.curves, seeds)
     sizes = size_points(records)
     if len(sizes) < 2:
         raise ReportError(
@@ -535,6 +542,9 @@ def _parser():
     p.add_argument("--out", default=None, help="output folder (default: reports/EXPERIMENT)")
     p.add_argument("--bootstrap", type=int, default=200, metavar="K", help="bootstrap resamples (default 200)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", choices=SEED_STATISTICS, default="mean",
+                   help="how replicas (runs differing only in the seed) become one point: their mean "
+                        "(default) or median final loss and curve")
     p.add_argument("--no-mlflow-log", action="store_true", help="write the files but log no analysis run")
     return p
 
@@ -561,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = load_records(args.experiment, args.tracking_uri)
         for note in rec.duplicates:
             print(f"analysis.report: note: {note}", file=sys.stderr)
-        an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed)
+        an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed, seeds=args.seeds)
         files = write_report(rec, an, out_dir)
     except (RunsError, ReportError, F.FitError, OSError) as exc:
         print(f"analysis.report: error: {redact(str(exc))}"

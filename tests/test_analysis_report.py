@@ -144,3 +144,18 @@ def test_seeds_are_averaged_into_one_point_per_configuration():
     an = analyse(Records(pd.DataFrame(rows), pd.DataFrame(curves, columns=CURVE_COLUMNS), experiment="s"),
                  bootstrap_k=0)
     assert an["sizes"]["loss"].tolist() == pytest.approx([0.4, 0.3])     # the better of the two lrs at 1e4
+
+
+def test_the_median_of_the_seeds_is_not_moved_by_one_seed_that_missed_a_jump():
+    from analysis.report import average_seeds
+
+    rows = [{"run_id": f"s{i}", "model": "m", "n_params": 5e4, "tokens": 1e6, "compute": 3e11, "lr": 1e-3,
+             "loss": loss, "seed": i} for i, loss in enumerate((0.194, 0.197, 0.272))]
+    curves = pd.DataFrame([{"run_id": f"s{i}", "step": 10, "tokens_seen": 1e4, "flops_seen": 3e9, "val_loss": v}
+                           for i, v in enumerate((0.3, 0.31, 0.5))], columns=CURVE_COLUMNS)
+    mean, _ = average_seeds(pd.DataFrame(rows), curves)
+    median, median_curves = average_seeds(pd.DataFrame(rows), curves, "median")
+    assert mean["loss"].item() == pytest.approx(0.221) and median["loss"].item() == pytest.approx(0.197)
+    assert median_curves["val_loss"].tolist() == pytest.approx([0.31])
+    with pytest.raises(ReportError, match=r"--seeds must be one of \['mean', 'median'\], got 'min'"):
+        average_seeds(pd.DataFrame(rows), curves, "min")
