@@ -103,14 +103,8 @@ def plot_loss_vs_compute(curves: pd.DataFrame, records: pd.DataFrame, frontier: 
     if result is not None and len(frontier):
         g = _grid(frontier["compute"], pad=1.2)
         ax.plot(g, result.predict(x=g), color="C3", lw=1.8, ls="--", label=fit_label(result, "C"))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute C (FLOPs)")
-    ax.set_ylabel("validation loss (nats / pair)")
-    ax.set_title(title or "Loss against compute, compute-optimal frontier")
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _loss_axes(fig, ax, "training compute C (FLOPs)", title or "Loss against compute, compute-optimal frontier",
+                      path)
 
 
 def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, n_opt_fit: dict | None = None,
@@ -201,11 +195,16 @@ def plot_loss_vs_tokens(points: pd.DataFrame, result, path, *, title: str | None
     ax.plot([], [], color="0.4", label=f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}")
     ax.scatter([], [], s=26, color="0.4", label="run end")
     ax.scatter([], [], s=26, facecolor="none", edgecolor="0.4", label="WSD decay point")
+    return _loss_axes(fig, ax, "training tokens D", title or "Loss against tokens, L(N, D)", path)
+
+
+def _loss_axes(fig, ax, xlabel: str, title: str, path) -> str:
+    """Log-log axes of validation loss against xlabel, titled, gridded, with a legend; saved."""
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training tokens D")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats / pair)")
-    ax.set_title(title or "Loss against tokens, L(N, D)")
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     return _save(fig, path)
