@@ -64,11 +64,20 @@ class ModelConfig:
     backbone_tokens: Optional[float] = None   # Dp: the tokens the backbone was pre-trained on
     shape_from_checkpoint: bool = False       # the shape fields above are read from init_from/config.json
     paper_tokens: Optional[float] = None      # the reward-model tokens POLAR trained this preset on
+    lm_pretrain_tokens: Optional[float] = None  # CPU studies: first pre-train the backbone as a causal LM on the
+                                              # data's corpus for this many tokens (polar.lm_pretrain; cached)
+    lm_pretrain_lr: float = 3e-3
 
     def __post_init__(self) -> None:
-        for key in ("backbone_tokens", "paper_tokens"):
+        for key in ("backbone_tokens", "paper_tokens", "lm_pretrain_tokens", "lm_pretrain_lr"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"model.{key} must be > 0 (or null), got {getattr(self, key)}")
+        if self.lm_pretrain_tokens is not None:
+            if self.init_from:
+                raise ValueError(f"model.lm_pretrain_tokens={self.lm_pretrain_tokens:g} pre-trains a backbone here; "
+                                 f"model.init_from={self.init_from} already names one: give one of them")
+            if self.backbone_tokens is None:
+                self.backbone_tokens = self.lm_pretrain_tokens      # Dp, as for any pre-trained backbone
         if self.shape_from_checkpoint and not self.init_from:
             raise ValueError(f"model={self.name} reads its shape from a checkpoint: give model.init_from=DIR "
                              "(a local Hugging Face causal-LM folder)")

@@ -4,7 +4,8 @@
   offline, or a tokenizer directory), the synthesized data set (cached by content; its
   hash is the data_id), its token ids (polar.data.TokenShards: tokenized once per data set
   and tokenizer, memory-mapped, never held as lists), and the model: the backbone's weights with a
-  new value head, or a randomly initialised model of the preset's shape.
+  new value head (a checkpoint, or one pre-trained here on the corpus: polar.lm_pretrain),
+  or a randomly initialised model of the preset's shape.
 - `finetune_inputs`: a saved POLAR model directory, its own tokenizer, and the
   reference implementation's preference JSONL as token triplets (data_id: a hash of the
   files' contents).
@@ -98,6 +99,12 @@ def pretrain_inputs(model: ModelConfig, data: DataConfig, cache_dir: str | Path,
         net = None
     elif model.init_from:
         net = load_backbone(model.init_from, special, vocab_size=len(tok))
+    elif model.lm_pretrain_tokens:
+        from polar.lm_pretrain import ensure_backbone
+
+        backbone = ensure_backbone(model, data, tok, tokenizer_id(data, model), cache_dir)
+        torch.manual_seed(seed)
+        net = load_backbone(backbone, special, vocab_size=len(tok))
     else:
         net = build_model(model, bos_token_id=special["bos"], pad_token_id=special["pad"],
                           reward_token_id=special["reward"], sep_token_id=special["sep"])
