@@ -64,7 +64,6 @@ def train_lm(model: ModelConfig, tokenizer, blocks: np.ndarray, tokens: float, l
     torch.manual_seed(0)
     config = hf_config(model, bos_token_id=tokenizer.bos_token_id or 0, pad_token_id=tokenizer.pad_token_id or 0)
     config.vocab_size = max(model.vocab_size, len(tokenizer))
-    config.num_labels, config.tie_word_embeddings = 1, False
     net = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     order = np.random.default_rng(0).permutation(np.resize(np.arange(len(blocks)), steps * BATCH))

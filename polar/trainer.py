@@ -261,23 +261,18 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
         cfg: TrainConfig, steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
         stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> TrainResult:
-    """Train `steps` optimizer steps, resuming from run_dir's newest whole checkpoint;
-    tokens_seen and flops_seen are data terms, the same with packing on or off. position:
-    the progress bar's terminal line. stop: asked after every step on every rank; when any
-    says so, fit logs, checkpoints that step and raises Preempted (a SLURM requeue).
-    Several ranks: pass the wrapped model and the real sink on rank 0 only; cfg.batch_size
-    is the global batch. Evaluations log the throughput since the previous one and, given
-    peak_flops, the MFU. cfg.data_workers > 0: DataLoader processes collate the batches."""
-    from tqdm import tqdm
-
+    """Train `steps` optimizer steps, resuming from run_dir's newest whole checkpoint; tokens_seen and
+    flops_seen are data terms, the same with packing on or off. position: the progress bar's terminal
+    line. stop: asked after every step on every rank; when any says so, fit logs, checkpoints that step
+    and raises Preempted (a SLURM requeue). Several ranks: pass the wrapped model and the real sink on
+    rank 0 only; cfg.batch_size is the global batch. Evaluations log the throughput since the previous
+    one and, given peak_flops, the MFU. cfg.data_workers > 0: DataLoader processes collate the batches."""
     env, device, run_dir = env or dist_env(), next(model.parameters()).device, Path(run_dir)
     optimizer = _optimizer(model, cfg)
-    state = load_checkpoint(run_dir, model, optimizer, env)
-    step, tokens_seen, executed, val_loss, val_acc = _resume(state)
-    branches, decays_done = decay_branches(steps, cfg), list(state.get("decays_done", []))
+    step, tokens_seen, executed, val_loss, val_acc, decays_done = _resume(load_checkpoint(run_dir, model, optimizer,
+                                                                                          env))
+    branches = decay_branches(steps, cfg)
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
-    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not (progress and env.is_main),
-               mininterval=2, position=position)
     clock = CheckpointClock(cfg.checkpoint_every_min)
 
     def flush_and_checkpoint():
@@ -291,13 +286,13 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 
     mark = (time.perf_counter(), tokens_seen, executed)        # throughput since the last evaluation
     data = StepBatches(train, special, cfg, env, row_capacity(unwrap(model)) if cfg.packing else None)
-    with step_batches(data, step, steps, cfg.data_workers) as batches:
+    with step_batches(data, step, steps, cfg.data_workers) as batches, \
+            _progress_bar(steps, step, desc, progress and env.is_main, position) as bar:
         while step < steps:
             if branches.get(step) not in (None, *decays_done):    # a WSD decay branch leaves here
                 flush_and_checkpoint()                             # ... and comes back to this state
                 buffer.append(decay_branch(model, optimizer, data, step, branches[step], tokens_seen, val, cfg,
-                                           flops_per_token, env))
-                load_checkpoint(run_dir, model, optimizer, env)
+                                           flops_per_token, env, run_dir))
                 decays_done.append(branches[step])
                 flush_and_checkpoint()
             _set_lr(optimizer, lr_at(step, steps, cfg))
@@ -309,11 +304,9 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
             buffer.append(({names.TRAIN_LOSS: loss, names.LR: optimizer.param_groups[0]["lr"]}, step))
             bar.update(1)
             if step in evals:
-                speed = throughput(tokens_seen - mark[1], executed - mark[2], time.perf_counter() - mark[0],
-                                   flops_per_token, peak_flops, env.world_size)
-                val_loss, val_acc = evaluate(model, val, special, device, batch_size=cfg.micro_batch_size or 64,
-                                             packing=cfg.packing, env=env, cfg=cfg)
-                buffer.append((_eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed), step))
+                val_loss, val_acc, point = _evaluation(model, val, special, cfg, env, mark, tokens_seen, executed,
+                                                       flops_per_token, peak_flops)
+                buffer.append((point, step))
                 flush_and_checkpoint()
                 mark = (time.perf_counter(), tokens_seen, executed)
                 bar.set_postfix(val_loss=f"{val_loss:.4f}", acc=f"{val_acc:.3f}")
@@ -322,26 +315,25 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
             if stop is not None and step < steps and any_rank(stop()):
                 if buffer:               # not an evaluation step, which has just been checkpointed
                     flush_and_checkpoint()
-                bar.close()
                 raise Preempted(f"stopped at step {step} of {steps}; checkpoint in {run_dir}")
-    bar.close()
     return TrainResult(val_loss, val_acc, step, tokens_seen, tokens_seen * flops_per_token)
 
 
 def decay_branch(model, optimizer, data: "StepBatches", start: int, end: int, tokens_seen: int, val, cfg: TrainConfig,
-                 flops_per_token: float, env: DistEnv) -> tuple[dict, int]:
+                 flops_per_token: float, env: DistEnv, run_dir: Path) -> tuple[dict, int]:
     """Train steps start..end on the run's own batches with the learning rate of a WSD
-    run of `end` steps (its decay), evaluate, and return the point: its DECAY_* metrics at
-    step `start`, where it left the run (so a run's logged steps never fall; the point's
-    tokens and FLOPs are its own). The caller restores the state the branch left from."""
+    run of `end` steps (its decay), evaluate, restore the state the branch left from (the
+    checkpoint in run_dir the caller wrote at `start`), and return the point: its DECAY_*
+    metrics at step `start`, where it left the run (so a run's logged steps never fall;
+    the point's tokens and FLOPs are its own)."""
     device = next(model.parameters()).device
     for step in range(start, end):
         _set_lr(optimizer, lr_at(step, end, cfg))
         micro, naive, _ = data[step]
         train_step(model, optimizer, micro, data.special, cfg, device)
         tokens_seen += naive
-    loss, acc = evaluate(model, val, data.special, device, batch_size=cfg.micro_batch_size or 64,
-                         packing=cfg.packing, env=env, cfg=cfg)
+    loss, acc = _validate(model, val, data.special, cfg, env)
+    load_checkpoint(run_dir, model, optimizer, env)
     return {names.DECAY_VAL_LOSS: loss, names.DECAY_VAL_ACC: acc, names.DECAY_TOKENS: tokens_seen,
             names.DECAY_FLOPS: tokens_seen * flops_per_token}, start
 
@@ -353,10 +345,33 @@ def _optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def _resume(state: dict) -> tuple[int, int, int, float, float]:
-    """(step, tokens_seen, tokens executed, val_loss, val_acc) of a loaded checkpoint's counters."""
+def _resume(state: dict) -> tuple[int, int, int, float, float, list[int]]:
+    """(step, tokens_seen, tokens executed, val_loss, val_acc, WSD decay branches done) of a
+    loaded checkpoint's counters."""
     return (state["step"], state["tokens_seen"], state.get("tokens_executed", state["tokens_seen"]),
-            state.get("val_loss", float("nan")), state.get("val_acc", float("nan")))
+            state.get("val_loss", float("nan")), state.get("val_acc", float("nan")), list(state.get("decays_done", [])))
+
+
+def _progress_bar(steps: int, step: int, desc: str, show: bool, position: int | None):
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not show, mininterval=2, position=position)
+
+
+def _evaluation(model, val, special: dict[str, int], cfg: TrainConfig, env: DistEnv, mark: tuple, tokens_seen: int,
+                executed: int, flops_per_token: float, peak_flops: float | None) -> tuple[float, float, dict]:
+    """(val_loss, val_acc, the evaluation's metrics), with the throughput since `mark`
+    (time, tokens_seen, tokens executed at the previous evaluation)."""
+    speed = throughput(tokens_seen - mark[1], executed - mark[2], time.perf_counter() - mark[0], flops_per_token,
+                       peak_flops, env.world_size)
+    val_loss, val_acc = _validate(model, val, special, cfg, env)
+    return val_loss, val_acc, _eval_point(val_loss, val_acc, tokens_seen, executed, flops_per_token, speed)
+
+
+def _validate(model, val, special: dict[str, int], cfg: TrainConfig, env: DistEnv) -> tuple[float, float]:
+    """evaluate() as training runs it: its path, autocast and micro-batch size."""
+    return evaluate(model, val, special, next(model.parameters()).device, batch_size=cfg.micro_batch_size or 64,
+                    packing=cfg.packing, env=env, cfg=cfg)
 
 
 def _set_lr(optimizer, lr: float) -> None:

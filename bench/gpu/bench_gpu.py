@@ -49,7 +49,7 @@ from polar.config import TrainConfig  # noqa: E402
 from polar.data import TokenTriplets, naive_batch  # noqa: E402
 from polar.model import build_model, n_params, set_attention  # noqa: E402
 from polar.packing import pack_triplets  # noqa: E402
-from polar.trainer import scores, set_checkpointing, train_step  # noqa: E402
+from polar.trainer import scores, set_checkpointing, set_compiled, train_step  # noqa: E402
 
 PEAKS = {"H100": 989e12, "H200": 989e12}     # bf16 dense, SXM
 
@@ -132,15 +132,6 @@ def parse_runs(text: str) -> list[tuple[str, int, bool, bool]]:
             raise SystemExit(f"--runs item {item!r}: expected packed|naive:MICRO[:ckpt][:compile]")
         runs.append((path, int(micro), "ckpt" in flags, "compile" in flags))
     return runs
-
-
-def set_compiled(model, on: bool) -> None:
-    """torch.compile each decoder layer (regional compilation, dynamic shapes), or undo it."""
-    for layer in model.model.layers:
-        if on:
-            layer.compile(dynamic=True)
-        else:
-            layer._compiled_call_impl = None
 
 
 def planned_gb(cfg, params: int, batch: TokenTriplets, mix, jitter: float, micro: int, packing: bool,
