@@ -57,10 +57,10 @@ def _grid(values, pad=1.5, n=200):
 
 
 def plot_loss_vs_params(records: pd.DataFrame, result, path, *, band: tuple | None = None,
-                        x: str = "n_params", title: str | None = None) -> str:
-    """Final loss against N, the fit over a padded range, ``band`` = (grid, lo, hi)."""
+                        xlabel: str = "parameters N (count, embeddings included)", title: str | None = None) -> str:
+    """Final loss against N (column n_params), the fit over a padded range, ``band`` = (grid, lo, hi)."""
     fig, ax = _figure()
-    xs = records[x].to_numpy(float)
+    xs = records["n_params"].to_numpy(float)
     if "n_seeds" in records.columns and (records["n_seeds"] > 1).any():
         ax.errorbar(xs, records["loss"], yerr=records["loss_std"], fmt="o", ms=6, color="C0", zorder=3,
                     capsize=3, label="runs (final val loss, mean ± sd over seeds)")
@@ -74,7 +74,7 @@ def plot_loss_vs_params(records: pd.DataFrame, result, path, *, band: tuple | No
         ax.fill_between(bg, lo, hi, color="C3", alpha=0.18, lw=0, label=f"{level}% confidence band (bootstrap)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("parameters N (count, embeddings included)" if x == "n_params" else x)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats / pair)")
     ax.set_title(title or "Loss against model size")
     ax.grid(True, which="both", alpha=0.25)

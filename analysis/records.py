@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, get_type_hints
 from urllib.parse import urlsplit
@@ -38,8 +38,12 @@ import pandas as pd
 from polar import names
 from polar.names import CURVE_COLUMNS, RECORD_COLUMNS, ScalingRecord
 
-__all__ = ["RECORD_COLUMNS", "CURVE_COLUMNS", "FailedRun", "Records", "RunsError", "check_tracking_uri", "load_records",
-           "load_jsonl_records", "read_csv", "complete_records"]
+__all__ = ["RECORD_COLUMNS", "CURVE_COLUMNS", "PARAM_COUNTS", "FailedRun", "Records", "RunsError", "check_tracking_uri",
+           "load_records", "load_jsonl_records", "read_csv", "complete_records"]
+
+# which parameter count is N in the fits: every parameter (POLAR, Chinchilla) or the
+# non-embedding ones (Kaplan et al. 2020: the cleaner law where embeddings are a large share)
+PARAM_COUNTS = {"all": "n_params", "nonembed": "n_params_nonembed"}
 
 # run parameters carried beside each record; MLflow holds strings, RunParams says the types
 EXTRA_PARAMS = list(names.RECORD_EXTRAS)
@@ -94,6 +98,20 @@ class Records:
             "tokens": decays[names.TOKENS_SEEN].to_numpy(float), "compute": decays[names.FLOPS_SEEN].to_numpy(float),
             "loss": decays["val_loss"].to_numpy(float), "point": "decay"})
         return pd.concat([finals, decays], ignore_index=True)
+
+    def counting(self, params: str) -> "Records":
+        """These records with N (column n_params) = the count ``params`` names (PARAM_COUNTS)."""
+        if params not in PARAM_COUNTS:
+            raise RunsError(f"the parameter count must be one of {list(PARAM_COUNTS)}, got {params!r}")
+        column = PARAM_COUNTS[params]
+        if column == "n_params":
+            return self
+        counts = self.records.reindex(columns=[column])[column]
+        if counts.isna().any() or (counts <= 0).any():
+            missing = self.records.loc[counts.isna() | (counts <= 0), "run_id"].tolist()
+            raise RunsError(f"{len(missing)} run(s) have no {column} (e.g. {missing[:3]}): N cannot count "
+                            f"{params!r} parameters for them; use the count 'all'")
+        return replace(self, records=self.records.assign(n_params=counts.to_numpy(float)))
 
 
 def _number(params: Mapping[str, str], key: str, cast=float):

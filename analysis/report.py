@@ -40,6 +40,7 @@ import pandas as pd
 from analysis import fit as F
 from analysis.frontier import bootstrap_n_opt, envelope, fit_n_opt, frontier_sizes, isoflop_minima, pareto_frontier
 from analysis.laws import chinchilla_optimal
+from analysis.records import PARAM_COUNTS
 from polar import names
 from polar.atomic import atomic_path
 from polar.names import CURVE_COLUMNS
@@ -128,15 +129,17 @@ def _fit_power(x, y, *, k: int, seed: int):
     return F.bootstrap(res, {"x": x}, y, k=k, seed=seed) if k >= 2 and len(y) > 2 else res
 
 
-def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0, seeds: str = "mean") -> dict:
+def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0, seeds: str = "mean", params: str = "all") -> dict:
     """Fits of an experiment's records; raises ReportError when there are too few.
+    N counts every parameter, or with ``params="nonembed"`` the non-embedding ones.
 
     The fit in N is required; the other parts are added when the data allow them, and
     a part whose fit fails is listed in ``out["skipped"]`` with the reason.
     """
-    records = rec.records.dropna(subset=["n_params", "loss"])
-    if records.empty:
+    if rec.records.dropna(subset=["n_params", "loss"]).empty:
         raise ReportError(_no_runs_message(rec))
+    rec = rec.counting(params)
+    records = rec.records.dropna(subset=["n_params", "loss"])
     records, curves = average_seeds(records, rec.curves, seeds)
     sizes = size_points(records)
     if len(sizes) < 2:
@@ -144,7 +147,7 @@ def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0, seeds: str = "mean") 
             f"experiment {rec.experiment!r} has finished runs of only {len(sizes)} model size(s) "
             f"({sizes['n_params'].tolist()}); a fit of L = a N^b needs at least 2"
         )
-    out = {"sizes": sizes, "curves": curves, "skipped": {}, "budget_note": mixed_budget_note(sizes)}
+    out = {"sizes": sizes, "curves": curves, "skipped": {}, "budget_note": mixed_budget_note(sizes), "params": params}
     try:
         out["size_fit"] = _fit_power(sizes["n_params"].to_numpy(float), sizes["loss"].to_numpy(float),
                                      k=bootstrap_k, seed=seed)
@@ -259,7 +262,7 @@ def _fit_json(res, x: str) -> dict:
 
 
 def fits_json(rec, an: dict) -> dict:
-    fits = {"loss_vs_params": _fit_json(an["size_fit"], "n_params")}
+    fits = {"loss_vs_params": _fit_json(an["size_fit"], PARAM_COUNTS[an["params"]])}
     if "size_holdout" in an:
         fits["loss_vs_params"]["holdout"] = an["size_holdout"]
     if "compute_fit" in an:
@@ -354,7 +357,8 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
              f"{len(rec.records)} finished runs, {len(rec.failed)} failed, {len(rec.unfinished)} unfinished "
              f"(tracking URI `{redact(rec.tracking_uri)}`). Fits: log space, sum of Huber losses (δ = 1e-3) of log "
              "residuals, multi-start L-BFGS (analysis/fit.py); CIs: 95% percentile bootstrap over points.", ""]
-    lines += _fit_section("Loss against model size (final validation loss)", fits["loss_vs_params"], "N")
+    counted = "; N counts the non-embedding parameters" if fits["loss_vs_params"]["x"] == "n_params_nonembed" else ""
+    lines += _fit_section(f"Loss against model size (final validation loss{counted})", fits["loss_vs_params"], "N")
     if "prediction" in fits["loss_vs_params"]:
         pr = fits["loss_vs_params"]["prediction"]
         lines += [f"Prediction for N = {pr['n_params']:.3g} (10x the largest model): L = {pr['loss']:.4g}, "
@@ -467,6 +471,9 @@ def _closing_sections(rec, fj: dict) -> list[str]:
     return lines
 
 
+PARAM_LABELS = {"all": "parameters N (count, embeddings included)",
+                "nonembed": "non-embedding parameters N (count)"}
+
 # the files a report writes (the PNGs it did not write this time are removed)
 REPORT_FILES = ("report.md", "fits.json", "loss_vs_params.png", "loss_vs_compute.png", "isoflop.png",
                 "loss_vs_tokens.png", "residuals.png")
@@ -501,7 +508,7 @@ def _write_files(rec, an: dict, out_dir: Path) -> list[Path]:
         band = (g, *F.confidence_band(sf, x=g))
     images["loss_vs_params"] = "loss_vs_params.png"
     plots.plot_loss_vs_params(an["sizes"], sf, out_dir / images["loss_vs_params"], band=band,
-                              title=f"{rec.experiment}: loss against model size")
+                              xlabel=PARAM_LABELS[an["params"]], title=f"{rec.experiment}: loss against model size")
     if len(rec.curves) or "compute_fit" in an:
         images["loss_vs_compute"] = "loss_vs_compute.png"
         plots.plot_loss_vs_compute(rec.curves, rec.records, an["frontier"], an.get("compute_fit"),
@@ -516,7 +523,7 @@ def _write_files(rec, an: dict, out_dir: Path) -> list[Path]:
         images["loss_vs_tokens"] = "loss_vs_tokens.png"
         plots.plot_loss_vs_tokens(an["points"], chin["fit"], out_dir / images["loss_vs_tokens"],
                                   title=f"{rec.experiment}: L(N, D)")
-    series = {"L(N)": (an["sizes"]["n_params"], sf, "parameters N")}
+    series = {"L(N)": (an["sizes"]["n_params"], sf, PARAM_LABELS[an["params"]])}
     if "compute_fit" in an:
         series["L(C) frontier"] = (an["frontier"]["compute"], an["compute_fit"], "training compute C (FLOPs)")
     images["residuals"] = "residuals.png"
@@ -545,6 +552,9 @@ def _parser():
     p.add_argument("--seeds", choices=SEED_STATISTICS, default="mean",
                    help="how replicas (runs differing only in the seed) become one point: their mean "
                         "(default) or median final loss and curve")
+    p.add_argument("--params", choices=PARAM_COUNTS, default="all",
+                   help="what N counts: every parameter (default; POLAR, Chinchilla) or the non-embedding ones "
+                        "(Kaplan et al. 2020; the cleaner law for tiny models whose embeddings are most of N)")
     p.add_argument("--no-mlflow-log", action="store_true", help="write the files but log no analysis run")
     return p
 
@@ -571,7 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rec = load_records(args.experiment, args.tracking_uri)
         for note in rec.duplicates:
             print(f"analysis.report: note: {note}", file=sys.stderr)
-        an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed, seeds=args.seeds)
+        an = analyse(rec, bootstrap_k=args.bootstrap, seed=args.seed, seeds=args.seeds, params=args.params)
         files = write_report(rec, an, out_dir)
     except (RunsError, ReportError, F.FitError, OSError) as exc:
         print(f"analysis.report: error: {redact(str(exc))}"

@@ -159,3 +159,37 @@ def test_the_median_of_the_seeds_is_not_moved_by_one_seed_that_missed_a_jump():
     assert median_curves["val_loss"].tolist() == pytest.approx([0.31])
     with pytest.raises(ReportError, match=r"--seeds must be one of \['mean', 'median'\], got 'min'"):
         average_seeds(pd.DataFrame(rows), curves, "min")
+
+
+def _embedding_heavy_records(nonembed=True):
+    """Five sizes whose loss is an exact power law in the non-embedding parameters, while a
+    1024 x width embedding table is most of the smallest models (as in the CPU presets)."""
+    width = np.array([8, 16, 24, 32, 64])
+    core = np.array([1712, 6752, 20928, 50496, 236288], float)
+    rows = {"run_id": [f"r{w}" for w in width], "model": [f"w{w}" for w in width], "n_params": core + 1024 * width,
+            "tokens": 5e6, "compute": 6 * core * 5e6, "loss": 2.0 * core ** -0.2}
+    if nonembed:
+        rows["n_params_nonembed"] = core
+    return Records(pd.DataFrame(rows), pd.DataFrame(columns=CURVE_COLUMNS), experiment="emb")
+
+
+def test_params_nonembed_fits_the_non_embedding_count(tmp_path):
+    rec = _embedding_heavy_records()
+    every = analyse(rec, bootstrap_k=0)
+    core = analyse(rec, bootstrap_k=0, params="nonembed")
+    assert core["size_fit"].params["b"] == pytest.approx(-0.2, abs=1e-4) and core["size_fit"].r2 > 0.9999
+    assert every["size_fit"].r2 < 0.995                      # embeddings bend the law in all parameters
+    assert core["sizes"]["n_params"].tolist() == pytest.approx([1712, 6752, 20928, 50496, 236288])
+    write_report(rec, core, tmp_path)
+    fj = json.loads((tmp_path / "fits.json").read_text())
+    assert fj["fits"]["loss_vs_params"]["x"] == "n_params_nonembed"
+    assert "N counts the non-embedding parameters" in (tmp_path / "report.md").read_text()
+
+
+def test_params_nonembed_without_the_count_is_refused():
+    from analysis.records import RunsError
+
+    with pytest.raises(RunsError, match=r"5 run\(s\) have no n_params_nonembed .*use the count 'all'"):
+        analyse(_embedding_heavy_records(nonembed=False), bootstrap_k=0, params="nonembed")
+    with pytest.raises(RunsError, match=r"must be one of \['all', 'nonembed'\], got 'core'"):
+        analyse(_embedding_heavy_records(), bootstrap_k=0, params="core")
