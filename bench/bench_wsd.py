@@ -17,6 +17,7 @@ FLOPs), the exponents with their intervals, and whether they agree (each study's
 estimate inside the other's interval).
 
 Usage: .venv/bin/python bench/bench_wsd.py [--out .cache/bench/wsd] [--seed 0] [--skip-runs]
+       [--params all|nonembed]
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis import fit as F  # noqa: E402
-from analysis.records import load_jsonl_records  # noqa: E402
+from analysis.records import PARAM_COUNTS, load_jsonl_records  # noqa: E402
 
 SIZES = "10k,20k,50k,100k,300k"
 TOKENS = 5.24e6                 # the demo's budget (conf/experiment/cpu_ladder.yaml)
@@ -111,17 +112,18 @@ def main() -> None:
     parser.add_argument("--sizes", default=SIZES)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--skip-runs", action="store_true", help="report on the runs already in --out")
+    parser.add_argument("--params", choices=PARAM_COUNTS, default="all", help="what N counts in L(N, D)")
     args = parser.parse_args()
     args.out = args.out.resolve()
     print(f"# {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}", flush=True)
+          f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}; N counts {args.params!r} parameters", flush=True)
     if not args.skip_runs:
         wall_wsd = sweep(args, "wsd_ladder")
         wall_grid = sweep(args, "cpu_ladder", "budget.tokens=" + ",".join(f"{f * TOKENS:.6g}" for f in EIGHTHS))
         print(f"wall time: WSD study {wall_wsd:.0f} s, cosine grid {wall_grid:.0f} s "
               f"({wall_wsd / wall_grid:.2f}x); load {os.getloadavg()[0]:.2f}", flush=True)
-    wsd = load_jsonl_records(args.out / "runs", "wsd_ladder").points()
-    grid = load_jsonl_records(args.out / "runs", "cpu_ladder").records
+    wsd = load_jsonl_records(args.out / "runs", "wsd_ladder").counting(args.params).points()
+    grid = load_jsonl_records(args.out / "runs", "cpu_ladder").counting(args.params).records
     lines = table("8 token counts (T/8 ... T)", *studies(wsd, grid, EIGHTHS, args.bootstrap, args.seed))
     lines += table("4 token counts (T/4, T/2, 3T/4, T)", *studies(wsd, grid, EIGHTHS[1::2], args.bootstrap, args.seed))
     print("\n".join(lines))
