@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from polar.config import DataConfig, ModelConfig, TrainSettings
+from polar.lm_pretrain import BLOCK
 from polar.model import ShapeCounts, preset_counts
 from sweeps.memory import ADAMW_BYTES_PER_PARAM, MemoryEstimate, estimate, fits, what_would_fit
 from sweeps.recipes import FixedRecipe, Recipe
@@ -68,6 +69,17 @@ def decay_branch_share(train: TrainSettings) -> float:
     return train.decay_fraction * sum(train.decay_at)
 
 
+def lm_pretrain_flops(model: ModelConfig, counts: ShapeCounts) -> float:
+    """FLOPs of the backbone's causal-LM pre-training (model.lm_pretrain_tokens,
+    polar.lm_pretrain: blocks of BLOCK tokens, plus the LM head). Whichever job of a size
+    comes first trains it and the others load it from the cache, so every job's time limit
+    counts it; it is never a scaling axis (the run logs it as backbone_tokens)."""
+    if not model.lm_pretrain_tokens:
+        return 0.0
+    head = 6.0 * model.vocab_size * counts.hidden_size
+    return model.lm_pretrain_tokens * (counts.flops_per_token(BLOCK) + head)
+
+
 def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens: float | None,
              flops: float | None, recipe: Optional[Recipe] = None,
              resources: ResourcesConfig = ResourcesConfig(),
@@ -89,7 +101,8 @@ def plan_run(model: ModelConfig, data: DataConfig, train: TrainSettings, tokens:
     tokens = tokens if tokens is not None else flops / fpt
     n = counts.n_params
     batch, lr = recipe.batch_and_lr(n, counts.hidden_size, tokens)
-    work = tokens * fpt * (1 + decay_branch_share(train))     # time and GPU-hours: the decay branches too
+    # time and GPU-hours: the decay branches and the backbone's LM pre-training too
+    work = tokens * fpt * (1 + decay_branch_share(train)) + lm_pretrain_flops(model, counts)
     if train.device == "cpu":
         gpus, nodes, mem, minutes, gpu_hours = 0, 1, round(cpu_state_gb(n), 1), cpu_minutes(work, resources), 0.0
     else:

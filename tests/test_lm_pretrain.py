@@ -54,3 +54,22 @@ def test_the_backbone_learns_is_cached_and_starts_the_reward_model(tokenizer, ca
     got = inputs.model.model.embed_tokens.weight.detach()
     assert torch.equal(got[:saved["model.embed_tokens.weight"].shape[0]], saved["model.embed_tokens.weight"])
     assert np.isfinite(inputs.model.score.weight.detach().numpy()).all()
+
+
+def test_the_plan_counts_the_lm_pretraining_in_its_time_but_not_in_its_axes():
+    from polar.config import DataConfig, TrainSettings
+    from polar.model import preset_counts
+    from sweeps.derive import cpu_minutes, lm_pretrain_flops, plan_run
+    from sweeps.schema import ResourcesConfig
+
+    data, train, res = DataConfig(n_train=10**6), TrainSettings(device="cpu"), ResourcesConfig()
+    plain = plan_run(DEBUG_MODEL, data, train, tokens=1e9, flops=None, resources=res)
+    lm = replace(DEBUG_MODEL, lm_pretrain_tokens=5e9)
+    pre = plan_run(lm, data, train, tokens=1e9, flops=None, resources=res)
+    assert (pre.tokens, pre.compute, pre.steps) == (plain.tokens, plain.compute, plain.steps)
+    counts = preset_counts(lm)
+    extra = lm_pretrain_flops(lm, counts)
+    assert extra == pytest.approx(5e9 * (counts.flops_per_token(lm_pretrain.BLOCK)
+                                         + 6 * lm.vocab_size * lm.hidden_size))
+    assert pre.time_limit_min == cpu_minutes(plain.compute + extra, res) > plain.time_limit_min
+    assert lm_pretrain_flops(DEBUG_MODEL, counts) == 0.0
