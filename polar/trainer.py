@@ -398,10 +398,12 @@ def set_checkpointing(model, on: bool) -> None:
     the backward pass recomputes a layer's activations instead of keeping them. Speed
     only: losses and gradients are the same."""
     inner = unwrap(model)
+    # transformers 5.2x renamed gradient_* to activation_* (the old names warn); older ones have only gradient_*
+    name = "activation" if hasattr(inner, "activation_checkpointing_enable") else "gradient"
     if on:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(inner, "is_gradient_checkpointing", False):
-        inner.gradient_checkpointing_disable()
+        getattr(inner, f"{name}_checkpointing_enable")(**{f"{name}_checkpointing_kwargs": {"use_reentrant": False}})
+    elif getattr(inner, f"is_{name}_checkpointing", False):
+        getattr(inner, f"{name}_checkpointing_disable")()
 
 
 def set_compiled(model, on: bool) -> None:
