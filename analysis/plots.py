@@ -23,10 +23,14 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-__all__ = ["plot_loss_vs_params", "plot_loss_vs_compute", "plot_isoflops", "plot_loss_vs_tokens", "plot_residuals",
-           "fit_label"]
+__all__ = ["PARAM_LABELS", "plot_loss_vs_params", "plot_loss_vs_compute", "plot_isoflops", "plot_loss_vs_tokens",
+           "plot_residuals", "fit_label"]
 
 _DPI = 130
+
+# the axis label of N for each parameter count (analysis.records.PARAM_COUNTS)
+PARAM_LABELS = {"all": "parameters N (count, embeddings included)",
+                "nonembed": "non-embedding parameters N (count)"}
 
 
 def _figure(width=6.4, height=4.6):
@@ -57,7 +61,7 @@ def _grid(values, pad=1.5, n=200):
 
 
 def plot_loss_vs_params(records: pd.DataFrame, result, path, *, band: tuple | None = None,
-                        xlabel: str = "parameters N (count, embeddings included)", title: str | None = None) -> str:
+                        xlabel: str = PARAM_LABELS["all"], title: str | None = None) -> str:
     """Final loss against N (column n_params), the fit over a padded range, ``band`` = (grid, lo, hi)."""
     fig, ax = _figure()
     xs = records["n_params"].to_numpy(float)
@@ -83,8 +87,8 @@ def plot_loss_vs_params(records: pd.DataFrame, result, path, *, band: tuple | No
 
 
 def plot_loss_vs_compute(curves: pd.DataFrame, records: pd.DataFrame, frontier: pd.DataFrame,
-                         result, path, *, title: str | None = None) -> str:
-    """Every run's val-loss curve against FLOPs, the frontier points and their fit."""
+                         result, path, *, title: str | None = None, n_label: str = PARAM_LABELS["all"]) -> str:
+    """Every run's val-loss curve against FLOPs, coloured by N, the frontier points and their fit."""
     from matplotlib import cm, colors
 
     fig, ax = _figure(7.2, 4.8)
@@ -97,7 +101,7 @@ def plot_loss_vs_compute(curves: pd.DataFrame, records: pd.DataFrame, frontier: 
         ax.plot(g["flops_seen"], g["val_loss"], color=color, lw=1.1, alpha=0.85)
     if norm is not None:
         sm = cm.ScalarMappable(norm=norm, cmap=cmap)
-        fig.colorbar(sm, ax=ax, label="parameters N")
+        fig.colorbar(sm, ax=ax, label=n_label)
     if len(frontier):
         ax.scatter(frontier["compute"], frontier["loss"], s=14, color="k", zorder=4, label="frontier (lower envelope)")
     if result is not None and len(frontier):
@@ -108,7 +112,8 @@ def plot_loss_vs_compute(curves: pd.DataFrame, records: pd.DataFrame, frontier: 
 
 
 def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, n_opt_fit: dict | None = None,
-                  frontier_sizes: pd.DataFrame | None = None, rtol: float = 0.05, title: str | None = None) -> str:
+                  frontier_sizes: pd.DataFrame | None = None, rtol: float = 0.05, title: str | None = None,
+                  n_label: str = PARAM_LABELS["all"]) -> str:
     """Left: loss against N per compute budget (one colour each), its fitted parabola
     in ln N and its minimum (a star; a budget not used is drawn dashed, without its
     vertex, and the legend says why). Right: the usable minima N_opt against C,
@@ -140,7 +145,7 @@ def plot_isoflops(records: pd.DataFrame, minima: pd.DataFrame, path, *, n_opt_fi
                        linewidths=0.8)
     ax.scatter([], [], marker="*", s=150, color="0.5", edgecolor="k", label="parabola minimum (used)")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters N (count)")
+    ax.set_xlabel(n_label)
     ax.set_ylabel("final validation loss (nats / pair)")
     ax.set_title(title or "IsoFLOP curves: a parabola in ln N per budget")
     ax.grid(True, which="both", alpha=0.25)
@@ -176,7 +181,8 @@ def _plot_n_opt(ax, minima: pd.DataFrame, fit: dict | None, frontier_sizes: pd.D
         ax.legend(fontsize=7)
 
 
-def plot_loss_vs_tokens(points: pd.DataFrame, result, path, *, title: str | None = None) -> str:
+def plot_loss_vs_tokens(points: pd.DataFrame, result, path, *, title: str | None = None,
+                        n_label: str = PARAM_LABELS["all"]) -> str:
     """The converged points (run ends filled, WSD decay points open) against tokens, one
     colour per model size, with the fitted L(N, D) at each size."""
     from matplotlib import cm, colors
@@ -190,7 +196,7 @@ def plot_loss_vs_tokens(points: pd.DataFrame, result, path, *, title: str | None
         ax.scatter(g.loc[decay, "tokens"], g.loc[decay, "loss"], s=26, facecolor="none", edgecolor=color, zorder=3)
         d = _grid(g["tokens"], pad=1.2)
         ax.plot(d, result.predict(n=np.full_like(d, n), d=d), color=color, lw=1.2)
-    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cm.viridis), ax=ax, label="parameters N")
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cm.viridis), ax=ax, label=n_label)
     p = result.params
     ax.plot([], [], color="0.4", label=f"L = {p['E']:.3g} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}")
     ax.scatter([], [], s=26, color="0.4", label="run end")

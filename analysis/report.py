@@ -131,7 +131,8 @@ def _fit_power(x, y, *, k: int, seed: int):
 
 def analyse(rec, *, bootstrap_k: int = 200, seed: int = 0, seeds: str = "mean", params: str = "all") -> dict:
     """Fits of an experiment's records; raises ReportError when there are too few.
-    N counts every parameter, or with ``params="nonembed"`` the non-embedding ones.
+    N counts every parameter, or with ``params="nonembed"`` the non-embedding ones (a run
+    without that count: RunsError, from Records.counting).
 
     The fit in N is required; the other parts are added when the data allow them, and
     a part whose fit fails is listed in ``out["skipped"]`` with the reason.
@@ -277,7 +278,7 @@ def fits_json(rec, an: dict) -> dict:
     chin = an.get("chinchilla")
     if chin and "fit" in chin:
         p, has_optimum = chin["fit"].params, chin["n_opt"] is not None
-        fits["chinchilla"] = {**_fit_json(chin["fit"], "n_params,tokens"),
+        fits["chinchilla"] = {**_fit_json(chin["fit"], f"{PARAM_COUNTS[an['params']]},tokens"),
                               "optimal": {k: chin[k] for k in ("compute", "n_opt", "d_opt")},
                               "n_opt_exponent": p["beta"] / (p["alpha"] + p["beta"]) if has_optimum else None,
                               "decay_points": chin["decay_points"]}
@@ -286,6 +287,7 @@ def fits_json(rec, an: dict) -> dict:
     return {
         "experiment": rec.experiment,
         "tracking_uri": redact(rec.tracking_uri),
+        "n_params_count": an["params"],    # what N (n_params in fits and size_points) counts; runs carry both
         "fits": fits,
         "size_points": _records(an["sizes"][["model", "n_params", "tokens", "loss", "loss_std", "n_seeds"]]),
         "size_points_note": an["budget_note"],
@@ -356,7 +358,9 @@ def report_markdown(rec, fj: dict, images: dict[str, str]) -> str:
     lines = [f"# Scaling report: {rec.experiment}", "",
              f"{len(rec.records)} finished runs, {len(rec.failed)} failed, {len(rec.unfinished)} unfinished "
              f"(tracking URI `{redact(rec.tracking_uri)}`). Fits: log space, sum of Huber losses (δ = 1e-3) of log "
-             "residuals, multi-start L-BFGS (analysis/fit.py); CIs: 95% percentile bootstrap over points.", ""]
+             "residuals, multi-start L-BFGS (analysis/fit.py); CIs: 95% percentile bootstrap over points."
+             + (" N counts the non-embedding parameters in every fit, table and plot below except the runs "
+                "table, which gives both counts." if fj["n_params_count"] == "nonembed" else ""), ""]
     counted = "; N counts the non-embedding parameters" if fits["loss_vs_params"]["x"] == "n_params_nonembed" else ""
     lines += _fit_section(f"Loss against model size (final validation loss{counted})", fits["loss_vs_params"], "N")
     if "prediction" in fits["loss_vs_params"]:
@@ -471,9 +475,6 @@ def _closing_sections(rec, fj: dict) -> list[str]:
     return lines
 
 
-PARAM_LABELS = {"all": "parameters N (count, embeddings included)",
-                "nonembed": "non-embedding parameters N (count)"}
-
 # the files a report writes (the PNGs it did not write this time are removed)
 REPORT_FILES = ("report.md", "fits.json", "loss_vs_params.png", "loss_vs_compute.png", "isoflop.png",
                 "loss_vs_tokens.png", "residuals.png")
@@ -501,29 +502,30 @@ def _write_files(rec, an: dict, out_dir: Path) -> list[Path]:
     from analysis import plots
 
     images: dict[str, str] = {}
-    sf = an["size_fit"]
+    sf, n_label = an["size_fit"], plots.PARAM_LABELS[an["params"]]
     band = None
     if sf.boot_thetas is not None:
         g = np.geomspace(an["sizes"]["n_params"].min() / 1.5, an["sizes"]["n_params"].max() * 1.5, 100)
         band = (g, *F.confidence_band(sf, x=g))
     images["loss_vs_params"] = "loss_vs_params.png"
     plots.plot_loss_vs_params(an["sizes"], sf, out_dir / images["loss_vs_params"], band=band,
-                              xlabel=PARAM_LABELS[an["params"]], title=f"{rec.experiment}: loss against model size")
+                              xlabel=n_label, title=f"{rec.experiment}: loss against model size")
     if len(rec.curves) or "compute_fit" in an:
         images["loss_vs_compute"] = "loss_vs_compute.png"
-        plots.plot_loss_vs_compute(rec.curves, rec.records, an["frontier"], an.get("compute_fit"),
-                                   out_dir / images["loss_vs_compute"], title=f"{rec.experiment}: loss against compute")
+        plots.plot_loss_vs_compute(rec.curves, rec.counting(an["params"]).records, an["frontier"], an.get("compute_fit"),
+                                   out_dir / images["loss_vs_compute"], title=f"{rec.experiment}: loss against compute",
+                                   n_label=n_label)
     if len(an["isoflop"]):
         images["isoflop"] = "isoflop.png"
         plots.plot_isoflops(an["isoflop_records"], an["isoflop"], out_dir / images["isoflop"],
                             n_opt_fit=an.get("isoflop_fit"), frontier_sizes=an.get("frontier_sizes"),
-                            title=f"{rec.experiment}: IsoFLOP")
+                            title=f"{rec.experiment}: IsoFLOP", n_label=n_label)
     chin = an.get("chinchilla", {})
     if "fit" in chin:
         images["loss_vs_tokens"] = "loss_vs_tokens.png"
         plots.plot_loss_vs_tokens(an["points"], chin["fit"], out_dir / images["loss_vs_tokens"],
-                                  title=f"{rec.experiment}: L(N, D)")
-    series = {"L(N)": (an["sizes"]["n_params"], sf, PARAM_LABELS[an["params"]])}
+                                  title=f"{rec.experiment}: L(N, D)", n_label=n_label)
+    series = {"L(N)": (an["sizes"]["n_params"], sf, n_label)}
     if "compute_fit" in an:
         series["L(C) frontier"] = (an["frontier"]["compute"], an["compute_fit"], "training compute C (FLOPs)")
     images["residuals"] = "residuals.png"
@@ -596,7 +598,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    for key, value in (("a", fit.params["a"]), ("b", fit.params["b"]), ("r2", fit.r2))}
         try:
             rid = log_analysis_run(rec.experiment_id, rec.tracking_uri, files, metrics=metrics,
-                                   params={names.N_RUNS: len(rec.records), names.N_FAILED: len(rec.failed)})
+                                   params={names.N_RUNS: len(rec.records), names.N_FAILED: len(rec.failed),
+                                           names.N_COUNT: args.params})
             print(f"logged to MLflow: experiment {rec.experiment!r}, analysis run {rid}")
         except Exception as exc:  # the files are written; say what did not happen
             print(f"analysis.report: warning: could not log to MLflow ({type(exc).__name__}: {redact(str(exc))}); "

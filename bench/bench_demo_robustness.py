@@ -6,13 +6,14 @@ as `make demo`'s report does (analysis.report.analyse on that set's runs, N coun
 `--params`: seeds averaged per size by their mean and, in a second table, their median).
 A set is `SEEDS` or `SEEDS|TOP`: the largest size gets the seeds TOP, the others SEEDS,
 as `make demo` gives the cheap, noisy small sizes seeds 0-5 and the largest 0-2 (default:
-four such sets, 84 jobs). Per set it prints R^2 of L = a N^b and of the compute frontier's
+four such sets: seeds 0-23 of the smaller sizes and 0-11 of the largest, 108 jobs). Per set it prints R^2 of L = a N^b and of the compute frontier's
 L = a C^b, the held-out check (the largest size predicted from the smaller: error, and
 whether the 95% interval covers it) and the N exponent. The minimum over sets is what a
 new user on another machine can expect at worst. With `--draws K` it also analyses K random
 draws of the first set's design (as many seeds per size, drawn from every run in --out) and
 prints how often each of the demo's targets holds (R^2 >= 0.97 and >= 0.95 for both fits,
-held-out error <= 5%, covered): four sets are a small sample of a wide distribution.
+held-out error <= 5%, covered, its interval from 40 bootstrap resamples per draw): four sets
+are a small sample of a wide distribution.
 Extra overrides (a lever to measure) go after `--`.
 
 Usage: .venv/bin/python bench/bench_demo_robustness.py [--sets "0-5|0-2;6-11|3-5;..."]

@@ -59,6 +59,7 @@ OVERRIDES_FILE = "overrides.yaml"           # its Hydra overrides
 # ---------------------------------------------------------------- analysis runs (polar.kind = analysis)
 FIT_N, FIT_C = "fit_n", "fit_c"             # the L(N) fit and the compute frontier's L(C) fit
 N_RUNS, N_FAILED = "n_runs", "n_failed"     # parameters: runs fitted, runs that failed
+N_COUNT = "n_params_count"                  # parameter: what N counts in the fits (all | nonembed)
 
 
 def fit_metric(fit: str, key: str) -> str:

@@ -115,6 +115,7 @@ def test_report_end_to_end(store, tmp_path, capsys):
     arts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert {"report.md", "fits.json", "loss_vs_params.png"} <= arts
     assert runs[0].data.metrics["fit_n/b"] == pytest.approx(fn["params"]["b"])
+    assert runs[0].data.params["n_params_count"] == "all" and fj["n_params_count"] == "all"
 
 
 def test_report_without_finished_runs_fails_clearly(store, tmp_path, capsys):

@@ -182,8 +182,12 @@ def test_params_nonembed_fits_the_non_embedding_count(tmp_path):
     assert core["sizes"]["n_params"].tolist() == pytest.approx([1712, 6752, 20928, 50496, 236288])
     write_report(rec, core, tmp_path)
     fj = json.loads((tmp_path / "fits.json").read_text())
-    assert fj["fits"]["loss_vs_params"]["x"] == "n_params_nonembed"
-    assert "N counts the non-embedding parameters" in (tmp_path / "report.md").read_text()
+    assert fj["fits"]["loss_vs_params"]["x"] == "n_params_nonembed" and fj["n_params_count"] == "nonembed"
+    assert [r["n_params"] for r in fj["size_points"]] == pytest.approx([1712, 6752, 20928, 50496, 236288])
+    assert fj["runs"][0]["n_params"] == 1712 + 1024 * 8          # the runs table keeps both counts
+    md = (tmp_path / "report.md").read_text()
+    assert "N counts the non-embedding parameters in every fit" in md
+    assert "N counts the non-embedding parameters)" in md
 
 
 def test_params_nonembed_without_the_count_is_refused():
