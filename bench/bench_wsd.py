@@ -1,7 +1,8 @@
 """Benchmark: a WSD study with decay branches against a grid of cosine runs (not a test).
 
 For the demo's sizes (cpu_ladder: 10k ... 300k, its data, learning rates and 5.24M-token
-budget T), one seed:
+budget T), one or more seeds (`--seeds 0,1,2`: the points of each configuration averaged over
+the seeds before the fits; FLOPs summed over them):
 
 - WSD: `+experiment=wsd_ladder`, one run per size with decay branches ending at
   T/8 ... 7T/8 (each decaying over the last 10% of its length) and the run's own end:
@@ -16,13 +17,14 @@ counts and on four (T/4, T/2, 3T/4, T), and the bench prints each study's traini
 FLOPs), the exponents with their intervals, and whether they agree (each study's
 estimate inside the other's interval).
 
-Usage: .venv/bin/python bench/bench_wsd.py [--out .cache/bench/wsd] [--seed 0] [--skip-runs]
+Usage: .venv/bin/python bench/bench_wsd.py [--out .cache/bench/wsd] [--seeds 0] [--skip-runs]
        [--params all|nonembed]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import platform
@@ -50,7 +52,7 @@ def sweep(args, experiment: str, *overrides: str) -> float:
     """Run one sweep through the CLI; its wall time in seconds."""
     cmd = [sys.executable, "-m", "sweeps.run", "-m", f"+experiment={experiment}", "tracking=off",
            f"paths.runs_dir={args.out / 'runs'}", f"hydra.sweep.dir={args.out / 'multirun' / experiment}",
-           f"seed={args.seed}", f"model={args.sizes}", *overrides]
+           f"seed={args.seeds}", f"model={args.sizes}", *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)
@@ -71,6 +73,11 @@ def study(points: pd.DataFrame, flops: float, k: int, seed: int) -> dict:
     return {"points": len(points), "flops": flops, "fit": res, "a_opt": p["beta"] / (p["alpha"] + p["beta"])}
 
 
+def seed_means(points: pd.DataFrame) -> pd.DataFrame:
+    """One point per (size, token count): the mean loss over the seeds' points."""
+    return points.groupby(["n_params", "tokens"], as_index=False).agg(loss=("loss", "mean"), compute=("compute", "mean"))
+
+
 def studies(wsd: pd.DataFrame, grid: pd.DataFrame, fractions: list[float], k: int, seed: int) -> tuple[dict, dict]:
     wanted = [f * TOKENS for f in fractions]
     g = grid[nearest(grid["tokens"], wanted)]
@@ -78,7 +85,7 @@ def studies(wsd: pd.DataFrame, grid: pd.DataFrame, fractions: list[float], k: in
     decays = wsd[(wsd["point"] == "decay") & nearest(wsd["tokens"], wanted)]
     w = pd.concat([finals, decays], ignore_index=True)
     wsd_flops = finals["compute"].sum() + DECAY_FRACTION * decays["compute"].sum()
-    return study(w, wsd_flops, k, seed), study(g, g["compute"].sum(), k, seed)
+    return study(seed_means(w), wsd_flops, k, seed), study(seed_means(g), g["compute"].sum(), k, seed)
 
 
 def inside(value: float, ci: tuple[float, float]) -> bool:
@@ -105,10 +112,16 @@ def table(label: str, wsd: dict, grid: dict) -> list[str]:
     return lines
 
 
+def of_seeds(rec, seeds: str):
+    """The records of these training seeds only."""
+    keep = rec.records["seed"].astype(int).isin([int(s) for s in seeds.split(",")])
+    return dataclasses.replace(rec, records=rec.records[keep])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "wsd")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="training seeds, comma-separated (points averaged over them)")
     parser.add_argument("--sizes", default=SIZES)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--skip-runs", action="store_true", help="report on the runs already in --out")
@@ -122,10 +135,10 @@ def main() -> None:
         wall_grid = sweep(args, "cpu_ladder", "budget.tokens=" + ",".join(f"{f * TOKENS:.6g}" for f in EIGHTHS))
         print(f"wall time: WSD study {wall_wsd:.0f} s, cosine grid {wall_grid:.0f} s "
               f"({wall_wsd / wall_grid:.2f}x); load {os.getloadavg()[0]:.2f}", flush=True)
-    wsd = load_jsonl_records(args.out / "runs", "wsd_ladder").counting(args.params).points()
-    grid = load_jsonl_records(args.out / "runs", "cpu_ladder").counting(args.params).records
-    lines = table("8 token counts (T/8 ... T)", *studies(wsd, grid, EIGHTHS, args.bootstrap, args.seed))
-    lines += table("4 token counts (T/4, T/2, 3T/4, T)", *studies(wsd, grid, EIGHTHS[1::2], args.bootstrap, args.seed))
+    wsd = of_seeds(load_jsonl_records(args.out / "runs", "wsd_ladder").counting(args.params), args.seeds).points()
+    grid = of_seeds(load_jsonl_records(args.out / "runs", "cpu_ladder").counting(args.params), args.seeds).records
+    lines = table("8 token counts (T/8 ... T)", *studies(wsd, grid, EIGHTHS, args.bootstrap, 0))
+    lines += table("4 token counts (T/4, T/2, 3T/4, T)", *studies(wsd, grid, EIGHTHS[1::2], args.bootstrap, 0))
     print("\n".join(lines))
 
 
