@@ -137,9 +137,11 @@ def main() -> None:
               f"({wall_wsd / wall_grid:.2f}x); load {os.getloadavg()[0]:.2f}", flush=True)
     wsd = of_seeds(load_jsonl_records(args.out / "runs", "wsd_ladder").counting(args.params), args.seeds).points()
     grid = of_seeds(load_jsonl_records(args.out / "runs", "cpu_ladder").counting(args.params), args.seeds).records
-    lines = table("8 token counts (T/8 ... T)", *studies(wsd, grid, EIGHTHS, args.bootstrap, 0))
-    lines += table("4 token counts (T/4, T/2, 3T/4, T)", *studies(wsd, grid, EIGHTHS[1::2], args.bootstrap, 0))
-    print("\n".join(lines))
+    for label, fractions in (("8 token counts (T/8 ... T)", EIGHTHS), ("4 token counts (T/4, T/2, 3T/4, T)", EIGHTHS[1::2])):
+        try:
+            print("\n".join(table(label, *studies(wsd, grid, fractions, args.bootstrap, 0))), flush=True)
+        except F.FitError as exc:
+            print(f"\n{label}: no fit ({exc})", flush=True)
 
 
 if __name__ == "__main__":
