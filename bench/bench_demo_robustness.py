@@ -82,12 +82,15 @@ def run_ladder(out: Path, sets, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def largest_and_seeds(records):
+    """(which runs are of the largest size, each run's seed as an int)."""
+    return records["n_params"] == records["n_params"].max(), records["seed"].astype(int)
+
+
 def one_set(rec, seeds: list[int], top_seeds: list[int], k: int, statistic: str, params: str) -> dict:
     """The demo report's numbers on this set's runs (replicas by their mean or median)."""
-    r = rec.records
-    top = r["n_params"] == r["n_params"].max()
-    seed = r["seed"].astype(int)
-    records = r[(top & seed.isin(top_seeds)) | (~top & seed.isin(seeds))]
+    top, seed = largest_and_seeds(rec.records)
+    records = rec.records[(top & seed.isin(top_seeds)) | (~top & seed.isin(seeds))]
     curves = rec.curves[rec.curves["run_id"].isin(records["run_id"])]
     an = analyse(dataclasses.replace(rec, records=records, curves=curves), bootstrap_k=k, seed=0, seeds=statistic,
                  params=params)
@@ -127,9 +130,7 @@ def main() -> None:
 def random_draws(rec, n_seeds: int, n_top: int, draws: int, params: str, k: int = 40) -> list[dict]:
     """The demo's numbers on `draws` random seed sets of this design (n_seeds per smaller
     size, n_top for the largest), drawn without replacement from the runs in rec."""
-    r = rec.records
-    top = r["n_params"] == r["n_params"].max()
-    seed = r["seed"].astype(int)
+    top, seed = largest_and_seeds(rec.records)
     small_pool, top_pool = sorted(seed[~top].unique()), sorted(seed[top].unique())
     rng = np.random.default_rng(0)
     return [one_set(rec, sorted(rng.choice(small_pool, n_seeds, replace=False)),
