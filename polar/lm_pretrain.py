@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from polar.atomic import atomic_path
-from polar.config import DataConfig, ModelConfig
+from polar.config import DataConfig, ModelConfig, TrainConfig
 
 BLOCK = 128                 # tokens per training sequence
 BATCH = 32                  # sequences per optimizer step
@@ -59,6 +58,7 @@ def train_lm(model: ModelConfig, tokenizer, blocks: np.ndarray, tokens: float, l
     from transformers import LlamaForCausalLM
 
     from polar.model import hf_config
+    from polar.trainer import lr_at
 
     steps = max(1, int(tokens // (BATCH * BLOCK)))
     torch.manual_seed(0)
@@ -67,11 +67,10 @@ def train_lm(model: ModelConfig, tokenizer, blocks: np.ndarray, tokens: float, l
     net = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     order = np.random.default_rng(0).permutation(np.resize(np.arange(len(blocks)), steps * BATCH))
-    losses, warmup = [], max(1, int(WARMUP_FRACTION * steps))
+    schedule, losses = TrainConfig(lr=lr, warmup_fraction=WARMUP_FRACTION, schedule="cosine", min_lr_ratio=0.0), []
     for step in tqdm(range(steps), desc=f"lm-pretrain {model.name}", unit="step", disable=not progress, mininterval=2):
-        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * factor
+            group["lr"] = lr_at(step, steps, schedule)
         batch = torch.from_numpy(blocks[order[step * BATCH:(step + 1) * BATCH]])
         loss = net(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
