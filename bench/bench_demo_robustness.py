@@ -14,10 +14,13 @@ draws of the first set's design (as many seeds per size, drawn from every run in
 prints how often each of the demo's targets holds (R^2 >= 0.97 and >= 0.95 for both fits,
 held-out error <= 5%, covered, its interval from 40 bootstrap resamples per draw): four sets
 are a small sample of a wide distribution.
-Extra overrides (a lever to measure) go after `--`.
+`--sizes` measures another ladder (its last preset held out; finished runs in --out are
+reused, and the analysis reads only these presets' runs). Extra overrides (a lever to
+measure) go after `--`.
 
 Usage: .venv/bin/python bench/bench_demo_robustness.py [--sets "0-5|0-2;6-11|3-5;..."]
-       [--params nonembed] [--draws 300] [--out .cache/bench/robust] [--skip-runs] [-- train.schedule=wsd ...]
+       [--params nonembed] [--draws 300] [--sizes 10k,20k,50k,100k,200k] [--out .cache/bench/robust]
+       [--skip-runs] [-- train.schedule=wsd ...]
 """
 
 from __future__ import annotations
@@ -68,9 +71,10 @@ def parse_sets(text: str) -> list[tuple[list[int], list[int]]]:
     return sets
 
 
-def run_ladder(out: Path, sets, overrides: list[str]) -> float:
-    """Every set's runs: the smaller sizes with every set's seeds, the largest with its seeds."""
-    *small, top = ladder_sizes()
+def run_ladder(out: Path, sizes: list[str], sets, overrides: list[str]) -> float:
+    """Every set's runs: the smaller sizes with every set's seeds, the largest with its seeds
+    (runs already finished in `out` are found by their run key and not repeated)."""
+    *small, top = sizes
     start = time.perf_counter()
     for models, seeds in ((top, sorted({s for _, t in sets for s in t})),
                           (",".join(small), sorted({s for g, _ in sets for s in g}))):
@@ -80,6 +84,16 @@ def run_ladder(out: Path, sets, overrides: list[str]) -> float:
         print("$", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True)
     return time.perf_counter() - start
+
+
+def ladder_records(runs_dir: Path, sizes: list[str]):
+    """The demo ladder's runs in runs_dir, of these presets only (the directory may hold others)."""
+    rec = load_jsonl_records(runs_dir, "cpu_ladder")
+    missing = sorted(set(sizes) - set(rec.records["model"]))
+    if missing:
+        raise SystemExit(f"no finished runs of {missing} in {runs_dir}: run the bench without --skip-runs")
+    keep = rec.records[rec.records["model"].isin(sizes)]
+    return dataclasses.replace(rec, records=keep, curves=rec.curves[rec.curves["run_id"].isin(keep["run_id"])])
 
 
 def largest_and_seeds(records):
@@ -107,6 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default=DEFAULT_SETS, help="seed sets, ';'-separated, each SEEDS or SEEDS|TOP")
     parser.add_argument("--params", choices=PARAM_COUNTS, default="nonembed", help="what N counts (as make demo)")
+    parser.add_argument("--sizes", default=",".join(ladder_sizes()),
+                        help="the ladder's presets, smallest first (default: the demo's); the last is held out")
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "robust")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--skip-runs", action="store_true", help="analyse the runs already in --out")
@@ -118,9 +134,9 @@ def main() -> None:
           f"{os.cpu_count()} CPUs; load {os.getloadavg()[0]:.2f}; N counts {args.params!r} parameters; "
           f"overrides {overrides or 'none'}", flush=True)
     if not args.skip_runs:
-        wall = run_ladder(args.out, sets, overrides)
+        wall = run_ladder(args.out, args.sizes.split(","), sets, overrides)
         print(f"runs in {wall / 60:.1f} min (load {os.getloadavg()[0]:.2f})", flush=True)
-    rec = load_jsonl_records(args.out / "runs", "cpu_ladder")
+    rec = ladder_records(args.out / "runs", args.sizes.split(","))
     for statistic in ("mean", "median"):
         table([one_set(rec, seeds, top, args.bootstrap, statistic, args.params) for seeds, top in sets], statistic)
     if args.draws:
