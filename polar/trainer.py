@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ from polar.sharded_checkpoint import read_state as read_sharded_state
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"            # the checkpoint before the last, kept to fall back to
 CHECKSUMS = "checkpoint.sha256.json"       # {file name: {"size", "sha256"}} of the two above
+DECAY_DIR = "decay"                        # the running WSD decay branch's own checkpoints, in the run folder
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +294,10 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
             if branches.get(step) not in (None, *decays_done):    # a WSD decay branch leaves here
                 flush_and_checkpoint()                             # ... and comes back to this state
                 buffer.append(decay_branch(model, optimizer, data, step, branches[step], tokens_seen, val, cfg,
-                                           flops_per_token, env, run_dir))
+                                           flops_per_token, env, run_dir, stop))
                 decays_done.append(branches[step])
                 flush_and_checkpoint()
+                on_main(lambda: shutil.rmtree(run_dir / DECAY_DIR, ignore_errors=True), env)   # now recorded done
             _set_lr(optimizer, lr_at(step, steps, cfg))
             micro, naive, packed = next(batches)
             loss = mean_across(train_step(model, optimizer, micro, special, cfg, device))
@@ -320,22 +323,53 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
 
 
 def decay_branch(model, optimizer, data: "StepBatches", start: int, end: int, tokens_seen: int, val, cfg: TrainConfig,
-                 flops_per_token: float, env: DistEnv, run_dir: Path) -> tuple[dict, int]:
+                 flops_per_token: float, env: DistEnv, run_dir: Path, stop: Callable[[], bool] | None = None
+                 ) -> tuple[dict, int]:
     """Train steps start..end on the run's own batches with the learning rate of a WSD
     run of `end` steps (its decay), evaluate, restore the state the branch left from (the
     checkpoint in run_dir the caller wrote at `start`), and return the point: its DECAY_*
     metrics at step `start`, where it left the run (so a run's logged steps never fall;
-    the point's tokens and FLOPs are its own)."""
-    device = next(model.parameters()).device
-    for step in range(start, end):
+    the point's tokens and FLOPs are its own). The branch checkpoints into run_dir/decay as
+    the run does (every cfg.checkpoint_every_min, and when stop() says so, then raising
+    Preempted), and a resumed run goes on from there instead of starting the branch over."""
+    device, branch_dir = next(model.parameters()).device, Path(run_dir) / DECAY_DIR
+    step, tokens_seen = _branch_resume(branch_dir, model, optimizer, env, (start, end), tokens_seen)
+    clock = CheckpointClock(cfg.checkpoint_every_min)
+    while step < end:
         _set_lr(optimizer, lr_at(step, end, cfg))
         micro, naive, _ = data[step]
         train_step(model, optimizer, micro, data.special, cfg, device)
-        tokens_seen += naive
+        step, tokens_seen = step + 1, tokens_seen + naive
+        stopping = step < end and stop is not None and any_rank(stop())
+        if stopping or (step < end and clock.due()):
+            save_checkpoint(branch_dir, model, optimizer, env, step=step, tokens_seen=tokens_seen, branch=[start, end])
+            clock.reset()
+        if stopping:
+            raise Preempted(f"stopped at step {step} of the decay branch {start}->{end}; checkpoint in {branch_dir}")
     loss, acc = _validate(model, val, data.special, cfg, env)
     load_checkpoint(run_dir, model, optimizer, env)
     return {names.DECAY_VAL_LOSS: loss, names.DECAY_VAL_ACC: acc, names.DECAY_TOKENS: tokens_seen,
             names.DECAY_FLOPS: tokens_seen * flops_per_token}, start
+
+
+def _branch_resume(branch_dir: Path, model, optimizer, env: DistEnv, branch: tuple[int, int],
+                   tokens_seen: int) -> tuple[int, int]:
+    """(step, tokens_seen) where the decay branch goes on: from its own checkpoint in
+    branch_dir, loaded into model and optimizer, or from the run's state at its start
+    (the folder, of another branch or damaged, is cleared then)."""
+    def branch_of_newest():
+        try:
+            found = _newest_checkpoint(branch_dir) if branch_dir.is_dir() else None
+        except CheckpointError as err:
+            log.warning("decay branch %s->%s starts over from the run's checkpoint: %s", *branch, err)
+            return None
+        return None if found is None else tuple(found[2].get("branch", ()))
+
+    if broadcast_object(on_main(branch_of_newest, env)) == branch:
+        counters = load_checkpoint(branch_dir, model, optimizer, env)
+        return counters["step"], counters["tokens_seen"]
+    on_main(lambda: (shutil.rmtree(branch_dir, ignore_errors=True), branch_dir.mkdir()), env)
+    return branch[0], tokens_seen
 
 
 def _optimizer(model, cfg: TrainConfig):

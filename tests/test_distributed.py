@@ -1,15 +1,16 @@
 """Ranks from torchrun / SLURM, and two gloo processes (DDP and fully_shard) that train
 like one process on the same global batch: a train step, and `fit` with its
-checkpoints (written by two ranks, resumed by one)."""
+checkpoints (written by two ranks, resumed by one; a WSD decay branch's own too)."""
 
 import pytest
 import torch
 
+from polar import names
 from polar.config import TrainConfig
 from polar.distributed import DistEnv, dist_env, first_host, shard, wrap_model
 from polar.sinks import NullSink
-from polar.trainer import CHECKPOINT, evaluate, fit, train_step
-from tests.fixtures import RANDOM_IDS_MODEL, SPECIAL, random_triplets, seeded_model
+from polar.trainer import CHECKPOINT, Preempted, evaluate, fit, train_step
+from tests.fixtures import RANDOM_IDS_MODEL, SPECIAL, ListSink, random_triplets, seeded_model
 from tests.mlflow_server import free_port
 
 STEPS, GLOBAL_BATCH = 3, 8
@@ -122,7 +123,10 @@ def test_two_processes_train_like_one(two_ranks, mode):
 # fit on two ranks: DDP with gradient accumulation, and fully_shard cut short after its
 # second evaluation (every rank's sink raises there); one process then resumes the cut run
 FIT_STEPS, FIT_CFG = 8, dict(lr=1e-3, batch_size=GLOBAL_BATCH, n_evals=4, eval_spacing="linear")
-FIT_RUNS = {"ddp": TrainConfig(micro_batch_size=2, **FIT_CFG), "fsdp": TrainConfig(packing=True, **FIT_CFG)}
+FIT_RUNS = {"ddp": TrainConfig(micro_batch_size=2, **FIT_CFG), "fsdp": TrainConfig(packing=True, **FIT_CFG),
+            # a WSD decay branch from step 2 to 4, preempted after its first step
+            "wsd": TrainConfig(packing=True, schedule="wsd", warmup_fraction=0.0, decay_fraction=0.5, decay_at=[0.5],
+                               **FIT_CFG)}
 
 
 class CutAfter(NullSink):
@@ -137,10 +141,10 @@ class CutAfter(NullSink):
             raise KeyboardInterrupt("cut")
 
 
-def _fit(model, cfg, run_dir, sink=None, env=None):
+def _fit(model, cfg, run_dir, sink=None, env=None, stop=None):
     train, val = _triplets(100, n=4 * GLOBAL_BATCH), _triplets(999, n=12)
     return fit(model, train, val, SPECIAL, cfg, FIT_STEPS, 1.0, run_dir, sink or NullSink(), progress=False,
-               env=env)
+               env=env, stop=stop)
 
 
 def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -154,6 +158,12 @@ def _fit_worker(rank: int, world: int, port: int, out: str) -> None:
         _fit(wrap_model(_fresh_model(), "fsdp", env), FIT_RUNS["fsdp"], f"{out}/fsdp", CutAfter(2), env)
     except (KeyboardInterrupt, RuntimeError) as err:
         torch.save({"error": f"{type(err).__name__}: {err}"}, f"{out}/fsdp-rank{rank}.pt")
+    calls = []
+    try:   # stop() is asked after main steps 1 and 2, then after the branch's step 3: stop there
+        _fit(wrap_model(_fresh_model(), "fsdp", env), FIT_RUNS["wsd"], f"{out}/wsd", env=env,
+             stop=lambda: calls.append(1) or len(calls) >= 3)
+    except Preempted as err:
+        torch.save({"error": str(err)}, f"{out}/wsd-rank{rank}.pt")
     torch.distributed.barrier()   # tear down together: a rank leaving first aborts gloo's threads in the other
     shutdown()
 
@@ -207,3 +217,20 @@ def test_a_damaged_sharded_checkpoint_is_named_and_never_loaded(two_rank_fits, t
     (cut / SHARDED / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="manifest.json cannot be read .*the checkpoint was not finished"):
         load_checkpoint(cut, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_a_decay_branch_preempted_on_two_sharded_ranks_goes_on_in_one_process(two_rank_fits, tmp_path):
+    from polar.sharded_checkpoint import SHARDED, read_state
+
+    cut = two_rank_fits / "wsd"
+    errors = {torch.load(two_rank_fits / f"wsd-rank{r}.pt", weights_only=True)["error"] for r in (0, 1)}
+    assert len(errors) == 1 and "step 3 of the decay branch 2->4" in errors.pop()   # every rank stopped there
+    assert read_state(cut / "decay" / SHARDED)["branch"] == [2, 4]
+    resumed_points, whole_points = ListSink(), ListSink()
+    resumed = _fit(_fresh_model(), FIT_RUNS["wsd"], cut, resumed_points)
+    whole = _fit(_fresh_model(), FIT_RUNS["wsd"], tmp_path, whole_points)
+    decay = [[m[names.DECAY_VAL_LOSS] for m, _ in sink.points if names.DECAY_VAL_LOSS in m]
+             for sink in (resumed_points, whole_points)]
+    assert len(decay[1]) == 1 and decay[0] == pytest.approx(decay[1], rel=1e-5)
+    assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-5)
+    assert not (cut / "decay").exists()

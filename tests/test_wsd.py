@@ -1,9 +1,11 @@
 """Warmup-stable-decay (train.schedule=wsd) and its decay branches (train.decay_at): the
 schedule's shape, the branches' placement and checks, and a branch's end being exactly
 the converged point of a shorter WSD run, while the main run goes on as if no branch
-had left it (also across a preemption)."""
+had left it (also across a preemption, in the run or midway through a branch, whose own
+checkpoint it goes on from)."""
 
 import pytest
+import torch
 
 from polar import names
 from polar.config import TrainConfig
@@ -203,3 +205,43 @@ def test_analysis_recovers_l_of_n_and_d_from_decay_points(tmp_path):
     files = {f.name for f in write_report(rec, an, tmp_path)}
     assert "loss_vs_tokens.png" in files
     assert "40 converged points: each run's end and 35 WSD decay points" in (tmp_path / "report.md").read_text()
+
+
+def counting_steps(monkeypatch) -> list:
+    """Every optimizer step the trainer takes (main run and branches) appends to the list."""
+    import polar.trainer as trainer
+
+    taken, real = [], trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: taken.append(1) or real(*a, **kw))
+    return taken
+
+
+def preempt_in_branch(tiny_data, run_dir, cfg):
+    """Run 16 steps with the branch 4->8 and stop after its second step (the 6th stop() call)."""
+    _, _, train, val, special = tiny_data
+    sink, calls = ListSink(), []
+    with pytest.raises(Preempted, match=r"step 6 of the decay branch 4->8"):
+        fit(seeded_model(special), train, val, special, cfg, 16, 1.0, run_dir, sink, progress=False,
+            stop=lambda: calls.append(1) or len(calls) >= 6)
+    assert decay_points(sink) == {}
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_branch_preempted_midway_goes_on_from_its_own_checkpoint(tiny_data, tmp_path, monkeypatch, damaged):
+    _, _, train, val, special = tiny_data
+    cfg = wsd(decay_at=[0.5], decay_fraction=0.5)              # one branch: leaves at step 4, decays to step 8
+    whole = ListSink()
+    full = fit(seeded_model(special), train, val, special, cfg, 16, 1.0, tmp_path / "full", whole, progress=False)
+    run_dir = tmp_path / "cut"
+    preempt_in_branch(tiny_data, run_dir, cfg)
+    branch_checkpoint = run_dir / "decay" / "checkpoint.pt"
+    assert torch.load(branch_checkpoint, weights_only=True)["branch"] == [4, 8]
+    if damaged:                                 # detected, never trained on: the branch starts over
+        branch_checkpoint.write_bytes(b"")
+    taken, second = counting_steps(monkeypatch), ListSink()
+    resumed = fit(seeded_model(special, seed=5), train, val, special, cfg, 16, 1.0, run_dir, second, progress=False)
+    assert len(taken) == (4 if damaged else 2) + 12         # the branch's remaining steps, then steps 5..16
+    assert decay_points(second)[4][names.DECAY_VAL_LOSS] == pytest.approx(
+        decay_points(whole)[4][names.DECAY_VAL_LOSS], abs=1e-6)
+    assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
+    assert not (run_dir / "decay").exists()                 # removed once the run's checkpoint records it done
