@@ -274,6 +274,7 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
     step, tokens_seen, executed, val_loss, val_acc, decays_done = _resume(load_checkpoint(run_dir, model, optimizer,
                                                                                           env))
     branches = decay_branches(steps, cfg)
+    _clear_finished_branch(run_dir, {(s, e) for s, e in branches.items() if e not in decays_done}, env)
     evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
     clock = CheckpointClock(cfg.checkpoint_every_min)
 
@@ -357,19 +358,33 @@ def _branch_resume(branch_dir: Path, model, optimizer, env: DistEnv, branch: tup
     """(step, tokens_seen) where the decay branch goes on: from its own checkpoint in
     branch_dir, loaded into model and optimizer, or from the run's state at its start
     (the folder, of another branch or damaged, is cleared then)."""
-    def branch_of_newest():
+    if _branch_saved(branch_dir, env) == branch:
+        counters = load_checkpoint(branch_dir, model, optimizer, env)
+        return counters["step"], counters["tokens_seen"]
+    on_main(lambda: (shutil.rmtree(branch_dir, ignore_errors=True), branch_dir.mkdir(exist_ok=True)), env)
+    return branch[0], tokens_seen
+
+
+def _branch_saved(branch_dir: Path, env: DistEnv) -> tuple[int, int] | None:
+    """(start, end) of the decay branch whose newest whole checkpoint is in branch_dir, on
+    every rank; None when there is none (a damaged one is named in a warning)."""
+    def newest():
         try:
             found = _newest_checkpoint(branch_dir) if branch_dir.is_dir() else None
         except CheckpointError as err:
-            log.warning("decay branch %s->%s starts over from the run's checkpoint: %s", *branch, err)
+            log.warning("a decay branch's checkpoint is damaged and is not used: %s", err)
             return None
         return None if found is None else tuple(found[2].get("branch", ()))
 
-    if broadcast_object(on_main(branch_of_newest, env)) == branch:
-        counters = load_checkpoint(branch_dir, model, optimizer, env)
-        return counters["step"], counters["tokens_seen"]
-    on_main(lambda: (shutil.rmtree(branch_dir, ignore_errors=True), branch_dir.mkdir()), env)
-    return branch[0], tokens_seen
+    return broadcast_object(on_main(newest, env))
+
+
+def _clear_finished_branch(run_dir: Path, pending: set[tuple[int, int]], env: DistEnv) -> None:
+    """Remove run_dir/decay unless it holds the checkpoint of a branch still to run (a run
+    killed between recording a branch done and removing its folder leaves it behind)."""
+    branch_dir = run_dir / DECAY_DIR
+    if _branch_saved(branch_dir, env) not in pending:
+        on_main(lambda: shutil.rmtree(branch_dir, ignore_errors=True), env)
 
 
 def _optimizer(model, cfg: TrainConfig):
@@ -633,7 +648,9 @@ def _newest_checkpoint(run_dir: Path) -> tuple[str, Path, dict] | None:
         raise CheckpointError(f"no checkpoint in {run_dir} can be trusted, and training from a damaged one would be "
                               f"wrong: {'; '.join(damaged)}. To start the run over, delete the run folder "
                               f"(rm -r {run_dir}) and run the same command again.")
-    return max(options, key=lambda o: o[2]["step"]) if options else None
+    # at the same step, the one that has recorded more decay branches is the later (a run
+    # resumed on another number of ranks writes a file beside the shards of that step)
+    return max(options, key=lambda o: (o[2]["step"], len(o[2].get("decays_done", ())))) if options else None
 
 
 def _by_name(optim_state: dict, model) -> dict:

@@ -219,18 +219,38 @@ def test_a_damaged_sharded_checkpoint_is_named_and_never_loaded(two_rank_fits, t
         load_checkpoint(cut, model, torch.optim.AdamW(model.parameters()))
 
 
-def test_a_decay_branch_preempted_on_two_sharded_ranks_goes_on_in_one_process(two_rank_fits, tmp_path):
+def test_a_decay_branch_preempted_on_two_sharded_ranks_goes_on_in_one_process(two_rank_fits, tmp_path, monkeypatch):
+    import polar.trainer as trainer
     from polar.sharded_checkpoint import SHARDED, read_state
 
     cut = two_rank_fits / "wsd"
     errors = {torch.load(two_rank_fits / f"wsd-rank{r}.pt", weights_only=True)["error"] for r in (0, 1)}
     assert len(errors) == 1 and "step 3 of the decay branch 2->4" in errors.pop()   # every rank stopped there
     assert read_state(cut / "decay" / SHARDED)["branch"] == [2, 4]
-    resumed_points, whole_points = ListSink(), ListSink()
+    resumed_points, whole_points, taken = ListSink(), ListSink(), []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a, **kw: taken.append(1) or real_step(*a, **kw))
     resumed = _fit(_fresh_model(), FIT_RUNS["wsd"], cut, resumed_points)
+    assert len(taken) == 1 + 6                       # the branch's last step, then the run's steps 3..8
     whole = _fit(_fresh_model(), FIT_RUNS["wsd"], tmp_path, whole_points)
-    decay = [[m[names.DECAY_VAL_LOSS] for m, _ in sink.points if names.DECAY_VAL_LOSS in m]
-             for sink in (resumed_points, whole_points)]
-    assert len(decay[1]) == 1 and decay[0] == pytest.approx(decay[1], rel=1e-5)
+    decay = [[m for m, _ in sink.points if names.DECAY_VAL_LOSS in m] for sink in (resumed_points, whole_points)]
+    assert len(decay[0]) == len(decay[1]) == 1 and decay[0][0] == pytest.approx(decay[1][0], rel=1e-5)  # + tokens
     assert resumed.val_loss == pytest.approx(whole.val_loss, rel=1e-5)
     assert not (cut / "decay").exists()
+
+
+def test_at_one_step_a_file_checkpoint_that_recorded_a_branch_wins_over_the_shards_that_did_not(two_rank_fits,
+                                                                                                  tmp_path):
+    import shutil
+
+    from polar.sharded_checkpoint import SHARDED, read_state
+    from polar.trainer import load_checkpoint, save_checkpoint
+
+    # one process resumed the two ranks' run and finished the branch that leaves at step 2:
+    # it wrote a file checkpoint at step 2 beside the shards of step 2 (killed before step 3's)
+    shutil.copytree(two_rank_fits / "wsd" / SHARDED, tmp_path / SHARDED)
+    assert read_state(tmp_path / SHARDED)["step"] == 2 and not read_state(tmp_path / SHARDED).get("decays_done")
+    model = _fresh_model()
+    save_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), step=2, tokens_seen=1, decays_done=[4])
+    counters = load_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()))
+    assert counters["decays_done"] == [4]            # the shards would repeat the branch

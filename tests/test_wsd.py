@@ -4,6 +4,8 @@ the converged point of a shorter WSD run, while the main run goes on as if no br
 had left it (also across a preemption, in the run or midway through a branch, whose own
 checkpoint it goes on from)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -241,7 +243,17 @@ def test_a_branch_preempted_midway_goes_on_from_its_own_checkpoint(tiny_data, tm
     taken, second = counting_steps(monkeypatch), ListSink()
     resumed = fit(seeded_model(special, seed=5), train, val, special, cfg, 16, 1.0, run_dir, second, progress=False)
     assert len(taken) == (4 if damaged else 2) + 12         # the branch's remaining steps, then steps 5..16
-    assert decay_points(second)[4][names.DECAY_VAL_LOSS] == pytest.approx(
-        decay_points(whole)[4][names.DECAY_VAL_LOSS], abs=1e-6)
+    assert decay_points(second)[4] == pytest.approx(decay_points(whole)[4], abs=1e-6)   # loss, tokens and FLOPs
     assert resumed.val_loss == pytest.approx(full.val_loss, abs=1e-6)
     assert not (run_dir / "decay").exists()                 # removed once the run's checkpoint records it done
+
+
+def test_the_folder_of_a_finished_branch_left_by_a_kill_is_removed_on_resume(tiny_data, tmp_path):
+    _, _, train, val, special = tiny_data
+    cfg, run_dir = wsd(decay_at=[0.5], decay_fraction=0.5), tmp_path / "run"
+    preempt_in_branch(tiny_data, run_dir, cfg)
+    shutil.copytree(run_dir / "decay", tmp_path / "kept")
+    fit(seeded_model(special), train, val, special, cfg, 16, 1.0, run_dir, NullSink(), progress=False)
+    shutil.copytree(tmp_path / "kept", run_dir / "decay")   # as if killed after the run recorded the branch done
+    again = fit(seeded_model(special), train, val, special, cfg, 16, 1.0, run_dir, NullSink(), progress=False)
+    assert again.steps == 16 and not (run_dir / "decay").exists()
