@@ -10,7 +10,8 @@ four such sets: seeds 0-23 of the smaller sizes and 0-11 of the largest, 108 job
 L = a C^b, the held-out check (the largest size predicted from the smaller: error, and
 whether the 95% interval covers it) and the N exponent. The minimum over sets is what a
 new user on another machine can expect at worst. With `--draws K` it also analyses K random
-draws of the first set's design (as many seeds per size, drawn from every run in --out) and
+draws of a design (`--design 10k:4,...,300k:3`, seeds per preset, default the first set's;
+each preset's seeds drawn on their own from its runs in --out) and
 prints how often each of the demo's targets holds (R^2 >= 0.97 and >= 0.95 for both fits,
 held-out error <= 5%, covered, its interval from 40 bootstrap resamples per draw): four sets
 are a small sample of a wide distribution.
@@ -19,7 +20,8 @@ reused, and the analysis reads only these presets' runs). Extra overrides (a lev
 measure) go after `--`.
 
 Usage: .venv/bin/python bench/bench_demo_robustness.py [--sets "0-5|0-2;6-11|3-5;..."]
-       [--params nonembed] [--draws 300] [--sizes 10k,20k,50k,100k,200k] [--out .cache/bench/robust]
+       [--params nonembed] [--draws 300 [--design 10k:4,20k:4,50k:4,100k:4,200k:3,300k:3]]
+       [--sizes 10k,20k,50k,100k,200k] [--out .cache/bench/robust]
        [--skip-runs] [-- train.schedule=wsd ...]
 """
 
@@ -104,12 +106,18 @@ def largest_and_seeds(records):
 def one_set(rec, seeds: list[int], top_seeds: list[int], k: int, statistic: str, params: str) -> dict:
     """The demo report's numbers on this set's runs (replicas by their mean or median)."""
     top, seed = largest_and_seeds(rec.records)
-    records = rec.records[(top & seed.isin(top_seeds)) | (~top & seed.isin(seeds))]
+    chosen = rec.records[(top & seed.isin(top_seeds)) | (~top & seed.isin(seeds))]
+    return {"seeds": seeds, "top_seeds": top_seeds, **analysed(rec, chosen["run_id"], k, statistic, params)}
+
+
+def analysed(rec, run_ids, k: int, statistic: str, params: str) -> dict:
+    """R^2 of both fits, the N exponent and the held-out check of these runs, as the report gives them."""
+    records = rec.records[rec.records["run_id"].isin(run_ids)]
     curves = rec.curves[rec.curves["run_id"].isin(records["run_id"])]
     an = analyse(dataclasses.replace(rec, records=records, curves=curves), bootstrap_k=k, seed=0, seeds=statistic,
                  params=params)
     held = an.get("size_holdout")
-    return {"seeds": seeds, "top_seeds": top_seeds, "runs": len(records), "r2_n": an["size_fit"].r2,
+    return {"runs": len(records), "r2_n": an["size_fit"].r2,
             "r2_c": an["compute_fit"].r2 if "compute_fit" in an else float("nan"),
             "b_n": an["size_fit"].params["b"], "held_err": held["mape"] if held else float("nan"),
             "held_covered": bool(held and held["coverage"] == 1.0)}
@@ -126,7 +134,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "robust")
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--skip-runs", action="store_true", help="analyse the runs already in --out")
-    parser.add_argument("--draws", type=int, default=0, help="random draws of the first set's design to analyse")
+    parser.add_argument("--draws", type=int, default=0, help="random draws of a design to analyse")
+    parser.add_argument("--design", default=None,
+                        help="the drawn design as PRESET:SEEDS,... (default: the first set's, over --sizes)")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.out = args.out.resolve()
     sets = parse_sets(args.sets)
@@ -140,23 +150,42 @@ def main() -> None:
     for statistic in ("mean", "median"):
         table([one_set(rec, seeds, top, args.bootstrap, statistic, args.params) for seeds, top in sets], statistic)
     if args.draws:
-        draws_table(random_draws(rec, len(sets[0][0]), len(sets[0][1]), args.draws, args.params), args.params)
+        *small, top = args.sizes.split(",")
+        design = parse_design(args.design) if args.design else {**{m: len(sets[0][0]) for m in small},
+                                                                 top: len(sets[0][1])}
+        draws_table(random_draws(ladder_records(args.out / "runs", list(design)), design, args.draws, args.params),
+                    args.params)
 
 
-def random_draws(rec, n_seeds: int, n_top: int, draws: int, params: str, k: int = 40) -> list[dict]:
-    """The demo's numbers on `draws` random seed sets of this design (n_seeds per smaller
-    size, n_top for the largest), drawn without replacement from the runs in rec."""
-    top, seed = largest_and_seeds(rec.records)
-    small_pool, top_pool = sorted(seed[~top].unique()), sorted(seed[top].unique())
-    rng = np.random.default_rng(0)
-    return [one_set(rec, sorted(rng.choice(small_pool, n_seeds, replace=False)),
-                    sorted(rng.choice(top_pool, n_top, replace=False)), k, "mean", params) for _ in range(draws)]
+def parse_design(text: str) -> dict[str, int]:
+    """'10k:6,300k:3' -> {'10k': 6, '300k': 3}: seeds per preset."""
+    design = {}
+    for part in text.split(","):
+        name, _, count = part.partition(":")
+        if not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--design wants PRESET:SEEDS pairs such as 10k:6,300k:3; got {part!r}")
+        design[name] = int(count)
+    return design
+
+
+def random_draws(rec, design: dict[str, int], draws: int, params: str, k: int = 40) -> list[dict]:
+    """The demo's numbers on `draws` random draws of this design (so many seeds of each
+    preset, drawn without replacement from its runs in rec, each preset on its own: a
+    seed's runs of different sizes share nothing but their data order, which carries no
+    common error)."""
+    records, rng = rec.records, np.random.default_rng(0)
+    short = {m: n for m, n in design.items() if (records["model"] == m).sum() < n}
+    if short:
+        raise SystemExit(f"--design asks for more seeds than --out has finished runs of: {short}")
+    pools = {m: records.loc[records["model"] == m, "run_id"].to_numpy() for m in design}
+    return [{"design": design, **analysed(rec, [r for m, n in design.items() for r in rng.choice(pools[m], n, replace=False)],
+                                          k, "mean", params)} for _ in range(draws)]
 
 
 def draws_table(rows: list[dict], params: str) -> None:
     r2n, r2c = np.array([r["r2_n"] for r in rows]), np.array([r["r2_c"] for r in rows])
     held, covered = np.array([r["held_err"] for r in rows]), np.array([r["held_covered"] for r in rows])
-    design = f"{len(rows[0]['seeds'])} seeds per size, {len(rows[0]['top_seeds'])} for the largest"
+    design = ", ".join(f"{m} x{n}" for m, n in rows[0]["design"].items())
     print(f"\n{len(rows)} random draws ({design}; N counts {params!r} parameters; replicas by their mean)")
     print(f"{'':<22} {'median':>7} {'10th pct':>8} {'P(>= 0.97)':>10} {'P(>= 0.95)':>10}")
     for name, v in (("R2 (N)", r2n), ("R2 (C)", r2c)):

@@ -159,9 +159,10 @@ def main() -> None:
     print(f"\nwith every run's final loss on {args.rows} rows (the curves, and so the frontier, stay on {DEMO_ROWS}):")
     robust.table(rows, "mean")
     if args.draws:
-        sets = robust.parse_sets(args.sets)
-        robust.draws_table(robust.random_draws(rec, len(sets[0][0]), len(sets[0][1]), args.draws, args.params),
-                           args.params)
+        (seeds, top), *_ = robust.parse_sets(args.sets)
+        *small, largest = args.sizes.split(",")
+        design = {**{m: len(seeds) for m in small}, largest: len(top)}
+        robust.draws_table(robust.random_draws(rec, design, args.draws, args.params), args.params)
 
 
 if __name__ == "__main__":
