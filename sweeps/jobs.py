@@ -87,17 +87,34 @@ def plan_job(job: JobConfig, dry: bool = False) -> Plan:
     return plan_of(job, stage.measure(job), stage.counts(job))
 
 
-def run_key(job: JobConfig) -> str:
-    """Hash of what changes the result: model, data, training, budget, recipe, seed (and,
-    for fine-tuning, the preference files' contents and the starting model).
-    Not: tracking, paths, resources, CPU threads, how ranks share the model (parallel)."""
+# Config fields added after runs were made, each with the value at which training is as it
+# was before the field existed ("section.field": value). At that value a field stays out of
+# the run key, so a run that finished before the field was added is found again after an
+# upgrade instead of being trained again. tests/test_run_key.py holds every field the key
+# hashes and fails on a new one until it is listed here or, when its default changes
+# training, accepted there (then every earlier run trains again).
+KEY_NEUTRAL: dict[str, object] = {}
+
+
+def key_values(job: JobConfig) -> dict:
+    """What the run key hashes: model, data, training, budget, recipe, seed (and, for
+    fine-tuning, the preference files' contents and the starting model), less the fields
+    at their KEY_NEUTRAL value. Not: tracking, paths, resources, CPU threads, how ranks
+    share the model (parallel)."""
     train = {k: v for k, v in asdict(job.train).items() if k not in ("threads", "parallel", "data_workers",
                                                                        "checkpoint_every_min", "compile")}
     data = {k: v for k, v in asdict(job.data).items() if k != "max_epochs"}   # bounds the plan, not the result
     blob = {"model": asdict(job.model), "data": data, "train": train,
             "budget": asdict(job.budget), "recipe": {"name": job.recipe.name, **asdict(job.recipe)},
             "seed": job.seed, **stage_of(job).key_extras(job)}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    absent = object()
+    return {section: {k: v for k, v in values.items() if KEY_NEUTRAL.get(f"{section}.{k}", absent) != v}
+            if isinstance(values, dict) else values for section, values in blob.items()}
+
+
+def run_key(job: JobConfig) -> str:
+    """The hash of key_values(job): a run's identity, its folder's name and its MLflow tag."""
+    return hashlib.sha256(json.dumps(key_values(job), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_name(job: JobConfig, plan: Plan) -> str:
