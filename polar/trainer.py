@@ -275,8 +275,7 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                                                                                           env))
     branches = decay_branches(steps, cfg)
     _clear_finished_branch(run_dir, {(s, e) for s, e in branches.items() if e not in decays_done}, env)
-    evals, buffer = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), []
-    clock = CheckpointClock(cfg.checkpoint_every_min)
+    evals, buffer, clock = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), [], CheckpointClock(cfg.checkpoint_every_min)
 
     def flush_and_checkpoint():
         # metrics first: a kill between the two re-runs these steps from the older checkpoint, and
