@@ -11,7 +11,8 @@ L = a C^b, the held-out check (the largest size predicted from the smaller: erro
 whether the 95% interval covers it) and the N exponent. The minimum over sets is what a
 new user on another machine can expect at worst. With `--draws K` it also analyses K random
 draws of a design (`--design 10k:4,...,300k:3`, seeds per preset, default the first set's;
-each preset's seeds drawn on their own from its runs in --out) and
+each preset's seeds drawn on their own from its runs in --out; `--with-replacement` bootstraps
+designs with more seeds than there are runs) and
 prints how often each of the demo's targets holds (R^2 >= 0.97 and >= 0.95 for both fits,
 held-out error <= 5%, covered, its interval from 40 bootstrap resamples per draw): four sets
 are a small sample of a wide distribution.
@@ -20,7 +21,7 @@ reused, and the analysis reads only these presets' runs). Extra overrides (a lev
 measure) go after `--`.
 
 Usage: .venv/bin/python bench/bench_demo_robustness.py [--sets "0-5|0-2;6-11|3-5;..."]
-       [--params nonembed] [--draws 300 [--design 10k:4,20k:4,50k:4,100k:4,200k:3,300k:3]]
+       [--params nonembed] [--draws 300 [--design 10k:4,20k:4,50k:4,100k:4,200k:3,300k:3] [--with-replacement]]
        [--sizes 10k,20k,50k,100k,200k] [--out .cache/bench/robust]
        [--skip-runs] [-- train.schedule=wsd ...]
 """
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,17 +109,31 @@ def one_set(rec, seeds: list[int], top_seeds: list[int], k: int, statistic: str,
     """The demo report's numbers on this set's runs (replicas by their mean or median)."""
     top, seed = largest_and_seeds(rec.records)
     chosen = rec.records[(top & seed.isin(top_seeds)) | (~top & seed.isin(seeds))]
-    return {"seeds": seeds, "top_seeds": top_seeds, **analysed(rec, chosen["run_id"], k, statistic, params)}
+    return {"seeds": seeds, "top_seeds": top_seeds, **analysed(subset(rec, chosen["run_id"]), k, statistic, params)}
 
 
-def analysed(rec, run_ids, k: int, statistic: str, params: str) -> dict:
-    """R^2 of both fits, the N exponent and the held-out check of these runs, as the report gives them."""
+def subset(rec, run_ids):
+    """These runs of rec, records and curves."""
     records = rec.records[rec.records["run_id"].isin(run_ids)]
-    curves = rec.curves[rec.curves["run_id"].isin(records["run_id"])]
-    an = analyse(dataclasses.replace(rec, records=records, curves=curves), bootstrap_k=k, seed=0, seeds=statistic,
-                 params=params)
+    return dataclasses.replace(rec, records=records, curves=rec.curves[rec.curves["run_id"].isin(records["run_id"])])
+
+
+def copies(rec, run_ids):
+    """The runs drawn, each drawn run a run of its own (id, key and seed), so that one
+    drawn twice counts twice: draws with replacement, for designs larger than the runs."""
+    by_id, curves = rec.records.set_index("run_id", drop=False), dict(tuple(rec.curves.groupby("run_id")))
+    names = [f"{run}#{j}" for j, run in enumerate(run_ids)]
+    records = pd.concat([by_id.loc[[run]].assign(run_id=name, run_key=name, seed=str(j))
+                         for j, (run, name) in enumerate(zip(run_ids, names))], ignore_index=True)
+    return dataclasses.replace(rec, records=records, curves=pd.concat(
+        [curves[run].assign(run_id=name) for run, name in zip(run_ids, names) if run in curves], ignore_index=True))
+
+
+def analysed(rec, k: int, statistic: str, params: str) -> dict:
+    """R^2 of both fits, the N exponent and the held-out check of rec's runs, as the report gives them."""
+    an = analyse(rec, bootstrap_k=k, seed=0, seeds=statistic, params=params)
     held = an.get("size_holdout")
-    return {"runs": len(records), "r2_n": an["size_fit"].r2,
+    return {"runs": len(rec.records), "r2_n": an["size_fit"].r2,
             "r2_c": an["compute_fit"].r2 if "compute_fit" in an else float("nan"),
             "b_n": an["size_fit"].params["b"], "held_err": held["mape"] if held else float("nan"),
             "held_covered": bool(held and held["coverage"] == 1.0)}
@@ -137,6 +153,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=0, help="random draws of a design to analyse")
     parser.add_argument("--design", default=None,
                         help="the drawn design as PRESET:SEEDS,... (default: the first set's, over --sizes)")
+    parser.add_argument("--with-replacement", action="store_true",
+                        help="draw seeds with replacement (a bootstrap: designs with more seeds than --out has)")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     args.out = args.out.resolve()
     sets = parse_sets(args.sets)
@@ -153,8 +171,8 @@ def main() -> None:
         *small, top = args.sizes.split(",")
         design = parse_design(args.design) if args.design else {**{m: len(sets[0][0]) for m in small},
                                                                  top: len(sets[0][1])}
-        draws_table(random_draws(ladder_records(args.out / "runs", list(design)), design, args.draws, args.params),
-                    args.params)
+        draws_table(random_draws(ladder_records(args.out / "runs", list(design)), design, args.draws, args.params,
+                                 args.with_replacement), args.params)
 
 
 def parse_design(text: str) -> dict[str, int]:
@@ -168,24 +186,29 @@ def parse_design(text: str) -> dict[str, int]:
     return design
 
 
-def random_draws(rec, design: dict[str, int], draws: int, params: str, k: int = 40) -> list[dict]:
+def random_draws(rec, design: dict[str, int], draws: int, params: str, replace: bool = False,
+                 k: int = 40) -> list[dict]:
     """The demo's numbers on `draws` random draws of this design (so many seeds of each
-    preset, drawn without replacement from its runs in rec, each preset on its own: a
-    seed's runs of different sizes share nothing but their data order, which carries no
-    common error)."""
+    preset, drawn from its runs in rec, each preset on its own: a seed's runs of different
+    sizes share nothing but their data order, which carries no common error); `replace`:
+    with replacement, a bootstrap of designs with more seeds than the runs."""
     records, rng = rec.records, np.random.default_rng(0)
     short = {m: n for m, n in design.items() if (records["model"] == m).sum() < n}
-    if short:
-        raise SystemExit(f"--design asks for more seeds than --out has finished runs of: {short}")
+    if short and not replace:
+        raise SystemExit(f"--design asks for more seeds than --out has finished runs of: {short} "
+                         "(--with-replacement draws them as a bootstrap)")
     pools = {m: records.loc[records["model"] == m, "run_id"].to_numpy() for m in design}
-    return [{"design": design, **analysed(rec, [r for m, n in design.items() for r in rng.choice(pools[m], n, replace=False)],
-                                          k, "mean", params)} for _ in range(draws)]
+    pick = copies if replace else subset
+    return [{"design": design, "replace": replace,
+             **analysed(pick(rec, [r for m, n in design.items() for r in rng.choice(pools[m], n, replace=replace)]),
+                        k, "mean", params)} for _ in range(draws)]
 
 
 def draws_table(rows: list[dict], params: str) -> None:
     r2n, r2c = np.array([r["r2_n"] for r in rows]), np.array([r["r2_c"] for r in rows])
     held, covered = np.array([r["held_err"] for r in rows]), np.array([r["held_covered"] for r in rows])
-    design = ", ".join(f"{m} x{n}" for m, n in rows[0]["design"].items())
+    design = ", ".join(f"{m} x{n}" for m, n in rows[0]["design"].items()) + (
+        ", drawn with replacement" if rows[0]["replace"] else "")
     print(f"\n{len(rows)} random draws ({design}; N counts {params!r} parameters; replicas by their mean)")
     print(f"{'':<22} {'median':>7} {'10th pct':>8} {'P(>= 0.97)':>10} {'P(>= 0.95)':>10}")
     for name, v in (("R2 (N)", r2n), ("R2 (C)", r2c)):
