@@ -65,17 +65,16 @@ def per_example_losses(model_dir: Path, val, special, batch: int = 128) -> np.nd
     import transformers
 
     from polar.model import load_model
-
-    transformers.utils.logging.disable_progress_bar()
     from polar.trainer import collate, scores
 
+    transformers.utils.logging.disable_progress_bar()
     model = load_model(model_dir).eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(val), batch):
             chunk = val.subset(np.arange(start, min(start + batch, len(val))))
             pos, neg = scores(model, collate(chunk, special, False, model), "cpu")
-            out.append(torch.nn.functional.softplus(neg - pos).numpy())
+            out.append(torch.nn.functional.softplus(neg - pos).numpy())   # polar.loss.pretrain_loss, per triplet
     return np.concatenate(out)
 
 

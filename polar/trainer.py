@@ -263,18 +263,17 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
         cfg: TrainConfig, steps: int, flops_per_token: float, run_dir: str | Path, sink, progress: bool = True,
         desc: str = "train", position: int | None = None, env: DistEnv | None = None,
         stop: Callable[[], bool] | None = None, peak_flops: float | None = None) -> TrainResult:
-    """Train `steps` optimizer steps, resuming from run_dir's newest whole checkpoint; tokens_seen and
-    flops_seen are data terms, the same with packing on or off. position: the progress bar's terminal
-    line. stop: asked after every step on every rank; when any says so, fit logs, checkpoints that step
-    and raises Preempted (a SLURM requeue). Several ranks: pass the wrapped model and the real sink on
-    rank 0 only; cfg.batch_size is the global batch. Evaluations log the throughput since the previous
-    one and, given peak_flops, the MFU. cfg.data_workers > 0: DataLoader processes collate the batches."""
+    """Train `steps` optimizer steps, resuming from run_dir's newest whole checkpoint; tokens_seen and flops_seen
+    are data terms, the same with packing on or off. position: the progress bar's terminal line. stop: asked
+    after every step on every rank; when any says so, fit logs, checkpoints that step and raises Preempted (a
+    SLURM requeue). Several ranks: pass the wrapped model and the real sink on rank 0 only; cfg.batch_size is
+    the global batch. Evaluations log the throughput since the previous one and, given peak_flops, the MFU."""
     env, device, run_dir = env or dist_env(), next(model.parameters()).device, Path(run_dir)
     optimizer = _optimizer(model, cfg)
-    step, tokens_seen, executed, val_loss, val_acc, decays_done = _resume(load_checkpoint(run_dir, model, optimizer,
-                                                                                          env))
+    step, tokens_seen, executed, val_loss, val_acc, decays_done = _resume(run_dir, model, optimizer, env)
     branches = decay_branches(steps, cfg)
-    _clear_finished_branch(run_dir, {(s, e) for s, e in branches.items() if e not in decays_done}, env)
+    if all(end in decays_done for end in branches.values()):   # a kill can leave a done branch's folder
+        _clear_branch_folder(run_dir, env)
     evals, buffer, clock = eval_steps(steps, cfg.n_evals, cfg.eval_spacing), [], CheckpointClock(cfg.checkpoint_every_min)
 
     def flush_and_checkpoint():
@@ -297,7 +296,7 @@ def fit(model, train: TokenShards | TokenTriplets, val: TokenShards | TokenTripl
                                            flops_per_token, env, run_dir, stop))
                 decays_done.append(branches[step])
                 flush_and_checkpoint()
-                on_main(lambda: shutil.rmtree(run_dir / DECAY_DIR, ignore_errors=True), env)   # now recorded done
+                _clear_branch_folder(run_dir, env)                 # now that the checkpoint records it done
             _set_lr(optimizer, lr_at(step, steps, cfg))
             micro, naive, packed = next(batches)
             loss = mean_across(train_step(model, optimizer, micro, special, cfg, device))
@@ -360,7 +359,8 @@ def _branch_resume(branch_dir: Path, model, optimizer, env: DistEnv, branch: tup
     if _branch_saved(branch_dir, env) == branch:
         counters = load_checkpoint(branch_dir, model, optimizer, env)
         return counters["step"], counters["tokens_seen"]
-    on_main(lambda: (shutil.rmtree(branch_dir, ignore_errors=True), branch_dir.mkdir(exist_ok=True)), env)
+    _clear_branch_folder(branch_dir.parent, env)
+    on_main(lambda: branch_dir.mkdir(exist_ok=True), env)
     return branch[0], tokens_seen
 
 
@@ -378,12 +378,10 @@ def _branch_saved(branch_dir: Path, env: DistEnv) -> tuple[int, int] | None:
     return broadcast_object(on_main(newest, env))
 
 
-def _clear_finished_branch(run_dir: Path, pending: set[tuple[int, int]], env: DistEnv) -> None:
-    """Remove run_dir/decay unless it holds the checkpoint of a branch still to run (a run
-    killed between recording a branch done and removing its folder leaves it behind)."""
-    branch_dir = run_dir / DECAY_DIR
-    if _branch_saved(branch_dir, env) not in pending:
-        on_main(lambda: shutil.rmtree(branch_dir, ignore_errors=True), env)
+def _clear_branch_folder(run_dir: Path, env: DistEnv) -> None:
+    """Remove run_dir/decay: its branch is recorded done, or no branch is left to run (a
+    done branch's folder found while others are left is cleared as the next one starts)."""
+    on_main(lambda: shutil.rmtree(run_dir / DECAY_DIR, ignore_errors=True), env)
 
 
 def _optimizer(model, cfg: TrainConfig):
@@ -393,9 +391,10 @@ def _optimizer(model, cfg: TrainConfig):
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def _resume(state: dict) -> tuple[int, int, int, float, float, list[int]]:
-    """(step, tokens_seen, tokens executed, val_loss, val_acc, WSD decay branches done) of a
-    loaded checkpoint's counters."""
+def _resume(run_dir: Path, model, optimizer, env: DistEnv) -> tuple[int, int, int, float, float, list[int]]:
+    """Load run_dir's newest whole checkpoint into model and optimizer: (step, tokens_seen,
+    tokens executed, val_loss, val_acc, WSD decay branches done) from its counters."""
+    state = load_checkpoint(run_dir, model, optimizer, env)
     return (state["step"], state["tokens_seen"], state.get("tokens_executed", state["tokens_seen"]),
             state.get("val_loss", float("nan")), state.get("val_acc", float("nan")), list(state.get("decays_done", [])))
 
