@@ -195,13 +195,19 @@ def run_folder_lock(run_dir: Path, key: str, name: str = ""):
         os.close(fd)                        # releases the lock
 
 
-def _lock_holder(fd: int) -> dict:
-    """What the lock's holder wrote in it ({} when it has not written it yet, or not JSON)."""
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}
+def _lock_holder(fd: int, wait_s: float = 2.0) -> dict:
+    """What the lock's holder wrote in it: its pid, host and start time, which it writes just
+    after taking the lock, so an empty or partly written file is read again for up to wait_s;
+    {} when there is still nothing readable."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            holder = {}
+        if (isinstance(holder, dict) and holder) or time.monotonic() >= deadline:
+            return holder if isinstance(holder, dict) else {}
+        time.sleep(0.05)
 
 
 def _locked_message(run_dir: Path, key: str, name: str, holder: dict) -> str:

@@ -189,3 +189,26 @@ def _failed_reason(run: Path) -> str:
     if record.status != "FAILED":
         return ""
     return " ".join(str(v) for v in record.tags.values() if "SIGTERM" in str(v)) or "FAILED (no reason)"
+
+
+def test_a_holder_that_has_not_written_its_name_yet_is_still_named(tmp_path):
+    """The holder writes its pid just after taking the lock: a job refused in between waits for it."""
+    import fcntl
+    import threading
+
+    from sweeps.jobs import LOCK_FILE, RunLocked, run_folder_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    late = json.dumps({"pid": 4242, "host": "node7", "since": "2026-11-30 09:00:00"}).encode()
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, late, 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)                        # locked, nothing written yet
+        writer.start()
+        with pytest.raises(RunLocked, match=r"process 4242 on host node7 .*kill 4242 on node7"):
+            with run_folder_lock(run, "key"):
+                pass
+    finally:
+        writer.join()
+        os.close(fd)
